@@ -1,0 +1,29 @@
+"""spec_metrics: make speculative decoding observable.
+
+One set of stage hooks (draft, verify, draft_extend) feeds Prometheus histograms and
+counters, OpenTelemetry spans of the steps, and exemplars that link the two.
+"""
+
+from .catalog import METRICS, STAGES, MetricSpec
+from .collector import SpecDecodeCollector
+from .config import HooksConfig
+from .drops import StrictModeError
+from .hooks import SpecDecodeHooks
+from .server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SpecDecodeHooks",
+    "SpecDecodeCollector",
+    "HooksConfig",
+    "StrictModeError",
+    "MetricSpec",
+    "METRICS",
+    "STAGES",
+    "MetricsServer",
+    "start_http_server",
+    "make_wsgi_app",
+    "make_asgi_app",
+    "__version__",
+]

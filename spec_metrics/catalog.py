@@ -1,0 +1,159 @@
+"""The metric catalog: the one place that names every metric spec_metrics exposes.
+
+The collector, the docs table, the dashboards, the alert rules and the tests all read this
+module, so a metric is renamed or re-bucketed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "MetricSpec",
+    "METRICS",
+    "STAGES",
+    "DROP_REASONS",
+    "DEFAULT_STAGE_BUCKETS",
+    "DEFAULT_STEP_BUCKETS",
+    "DEFAULT_MAX_DRAFT_TOKENS",
+    "RESERVED_LABELS",
+    "by_name",
+    "markdown_table",
+]
+
+STAGES: tuple[str, ...] = ("draft", "verify", "draft_extend")
+
+# Seconds. Covers a 50 µs n-gram lookup up to a 10 s stall; finer around 1–100 ms where
+# GPU draft and verify passes live.
+DEFAULT_STAGE_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015,
+    0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+DEFAULT_STEP_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+# Largest K the accepted-length buckets and the position labels cover.
+DEFAULT_MAX_DRAFT_TOKENS = 8
+
+# Why an input was rejected; the values of spec_metrics_dropped_total{reason}.
+DROP_REASONS: dict[str, str] = {
+    "wrong_type": "accepted counts or draft tokens of a type or dtype that is not an integer array",
+    "wrong_shape": "an array that is not one-dimensional, or whose length disagrees with the batch",
+    "non_finite": "NaN or infinite accepted counts",
+    "negative": "negative accepted counts or draft tokens",
+    "accepted_exceeds_drafted": "a request accepted more tokens than were drafted for it",
+    "draft_tokens_exceed_max": "more draft tokens than max_draft_tokens covers",
+    "end_without_start": "a stage ended that had not started",
+    "stage_not_ended": "a stage or step started while another stage was still open",
+    "out_of_order": "a stage started after a later stage of the same step, without end_step()",
+    "bad_traceparent": "a request trace context that is not a valid W3C traceparent",
+    "pending_overflow": "too many steps waiting for device results; the oldest was dropped",
+    "internal_error": "an unexpected error inside spec_metrics (please report it)",
+}
+
+# Label names the library sets itself; user constant labels must not use them.
+RESERVED_LABELS: frozenset[str] = frozenset(
+    {"method", "stage", "position", "reason", "le", "quantile", "trace_id", "span_id"}
+)
+
+MetricType = Literal["counter", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric family is. `labels` excludes the user's constant labels."""
+
+    name: str  # full exposition name (counters end in _total)
+    type: MetricType
+    help: str
+    unit: str  # OpenMetrics unit; the name ends with it ("" when there is none)
+    labels: tuple[str, ...]
+    buckets: str | None = None  # which layout: "stage", "step" or "accepted_length"
+    const_labels: bool = True  # carries the user's constant labels (model, engine, ...)
+
+    @property
+    def family(self) -> str:
+        """The family name prometheus_client uses (counters without _total)."""
+        return self.name[: -len("_total")] if self.type == "counter" else self.name
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "spec_decode_stage_duration_seconds", "histogram",
+        "Duration of one speculative-decoding stage for the whole batch, per decode step.",
+        "seconds", ("method", "stage"), buckets="stage",
+    ),
+    MetricSpec(
+        "spec_decode_step_duration_seconds", "histogram",
+        "Duration of one decode step, from the first stage's start to the last stage's end.",
+        "seconds", ("method",), buckets="step",
+    ),
+    MetricSpec(
+        "spec_decode_accepted_length", "histogram",
+        "Draft tokens accepted per request per verify pass (the bonus token not included).",
+        "", ("method",), buckets="accepted_length",
+    ),
+    MetricSpec(
+        "spec_decode_drafts_total", "counter",
+        "Draft sequences verified: requests that had at least one draft token in a verify pass.",
+        "", ("method",),
+    ),
+    MetricSpec(
+        "spec_decode_draft_tokens_total", "counter",
+        "Draft tokens proposed and verified.",
+        "tokens", ("method",),
+    ),
+    MetricSpec(
+        "spec_decode_accepted_tokens_total", "counter",
+        "Draft tokens accepted by the target model.",
+        "tokens", ("method",),
+    ),
+    MetricSpec(
+        "spec_decode_emitted_tokens_total", "counter",
+        "Tokens emitted by verify passes: accepted draft tokens plus one target token per request.",
+        "tokens", ("method",),
+    ),
+    MetricSpec(
+        "spec_decode_draft_tokens_per_position_total", "counter",
+        "Draft tokens proposed at each draft position (0 is the first draft token).",
+        "", ("method", "position"),
+    ),
+    MetricSpec(
+        "spec_decode_accepted_tokens_per_position_total", "counter",
+        "Draft tokens accepted at each draft position (0 is the first draft token).",
+        "", ("method", "position"),
+    ),
+    MetricSpec(
+        "spec_metrics_dropped_total", "counter",
+        "Hook inputs spec_metrics rejected instead of recording, by reason.",
+        "", ("reason",),
+    ),
+)
+
+_BY_NAME = {spec.name: spec for spec in METRICS}
+
+
+def by_name(name: str) -> MetricSpec:
+    """The spec of a metric, by its exposition name (counters with _total)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not in the spec_metrics catalog") from None
+
+
+def markdown_table() -> str:
+    """The catalog as a Markdown table, for the README and docs."""
+    rows = [
+        "| metric | type | unit | labels | help |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in METRICS:
+        labels = ", ".join(f"`{label}`" for label in spec.labels)
+        if spec.const_labels:
+            labels += ", constant labels"
+        rows.append(
+            f"| `{spec.name}` | {spec.type} | {spec.unit or '-'} | {labels} | {spec.help} |"
+        )
+    return "\n".join(rows) + "\n"

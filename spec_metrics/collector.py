@@ -1,0 +1,250 @@
+"""Aggregated metric state and the prometheus_client custom collector that exposes it.
+
+Hooks hand each finished step to `consume()`: a few list increments for the latency
+histograms and one numpy add per histogram of the batch. `collect()` renders families from
+a snapshot taken under a short lock; exposition and content negotiation (OpenMetrics with
+exemplars, or classic text) stay prometheus_client's.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from itertools import accumulate
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from .catalog import (
+    DEFAULT_MAX_DRAFT_TOKENS,
+    DEFAULT_STAGE_BUCKETS,
+    DEFAULT_STEP_BUCKETS,
+    METRICS,
+    STAGES,
+    MetricSpec,
+)
+from .drops import DropCounter
+from .exemplars import ExemplarSlots
+from .inputs import AcceptSummary
+
+__all__ = ["SpecDecodeCollector", "StepExemplars"]
+
+_COUNTERS_WITH_EXEMPLARS = (
+    "spec_decode_drafts_total",
+    "spec_decode_draft_tokens_total",
+    "spec_decode_accepted_tokens_total",
+    "spec_decode_emitted_tokens_total",
+)
+
+
+class StepExemplars:
+    """Where a traced step's spans are, so its observations can carry exemplars."""
+
+    __slots__ = ("trace_id", "step_span_id", "stage_span_ids", "priority", "timestamp")
+
+    def __init__(self, trace_id: str, step_span_id: str, stage_span_ids: Sequence[str | None],
+                 priority: int, timestamp: float) -> None:
+        self.trace_id = trace_id
+        self.step_span_id = step_span_id
+        self.stage_span_ids = stage_span_ids  # indexed like STAGES
+        self.priority = priority
+        self.timestamp = timestamp  # seconds since the epoch, the step's end
+
+    def exemplar(self, span_id: str, value: float) -> Exemplar:
+        return Exemplar({"trace_id": self.trace_id, "span_id": span_id}, value, self.timestamp)
+
+
+class _Histogram:
+    """Bucket counts of one latency series, as plain Python ints (fastest for one value)."""
+
+    __slots__ = ("bounds", "counts", "sum", "exemplars")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last slot: above the highest bound (+Inf)
+        self.sum = 0.0
+        self.exemplars = ExemplarSlots(len(bounds) + 1)
+
+    def observe(self, value: float) -> int:
+        index = bisect_left(self.bounds, value)  # first bound >= value: the "le" bucket
+        self.counts[index] += 1
+        self.sum += value
+        return index
+
+
+class _Series:
+    """Everything aggregated for one method."""
+
+    __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
+                 "counter_exemplars")
+
+    def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
+                 max_k: int) -> None:
+        self.stages = [_Histogram(stage_bounds) for _ in STAGES]
+        self.step = _Histogram(step_bounds)
+        self.accepted_hist = np.zeros(max_k + 1, dtype=np.int64)
+        self.draft_hist = np.zeros(max_k + 1, dtype=np.int64)
+        self.accepted_exemplars = ExemplarSlots(max_k + 2)
+        self.counter_exemplars = ExemplarSlots(len(_COUNTERS_WITH_EXEMPLARS))
+
+
+class SpecDecodeCollector(Collector):
+    """Holds the aggregated metrics of one engine; register it once in a registry.
+
+    Several `SpecDecodeHooks` (one per engine loop, thread or method) may share one
+    collector; its constant labels and bucket layouts are fixed here.
+    """
+
+    def __init__(
+        self,
+        labels: Mapping[str, str] | None = None,
+        *,
+        max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+        stage_buckets: Sequence[float] = DEFAULT_STAGE_BUCKETS,
+        step_buckets: Sequence[float] = DEFAULT_STEP_BUCKETS,
+        drops: DropCounter | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.const_labels = dict(labels or {})
+        self.max_draft_tokens = max_draft_tokens
+        self.stage_buckets = tuple(stage_buckets)
+        self.step_buckets = tuple(step_buckets)
+        self.drops = drops or DropCounter()
+        self._series: dict[str, _Series] = {}
+        self._lock = threading.Lock()
+        self._label_names = tuple(self.const_labels)
+        self._label_values = tuple(self.const_labels.values())
+        if registry is not None:
+            registry.register(self)
+
+    def series_for(self, method: str) -> _Series:
+        series = self._series.get(method)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(
+                    method, _Series(self.stage_buckets, self.step_buckets, self.max_draft_tokens)
+                )
+        return series
+
+    def consume(
+        self,
+        method: str,
+        stage_seconds: Sequence[float | None],
+        step_seconds: float | None,
+        summary: AcceptSummary | None,
+        exemplars: StepExemplars | None,
+    ) -> None:
+        """Add one finished step. Called by the hooks, once per step."""
+        series = self.series_for(method)
+        with self._lock:
+            for stage_index, seconds in enumerate(stage_seconds):
+                if seconds is None:
+                    continue
+                histogram = series.stages[stage_index]
+                bucket = histogram.observe(seconds)
+                if exemplars is not None:
+                    span_id = exemplars.stage_span_ids[stage_index]
+                    if span_id is not None:
+                        histogram.exemplars.offer(
+                            bucket, exemplars.exemplar(span_id, seconds), exemplars.priority
+                        )
+            if step_seconds is not None:
+                bucket = series.step.observe(step_seconds)
+                if exemplars is not None:
+                    series.step.exemplars.offer(
+                        bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
+                        exemplars.priority,
+                    )
+            if summary is not None:
+                series.accepted_hist += summary.accepted_hist
+                series.draft_hist += summary.draft_hist
+                if exemplars is not None:
+                    self._offer_accept_exemplars(series, summary, exemplars)
+
+    @staticmethod
+    def _offer_accept_exemplars(series: _Series, summary: AcceptSummary,
+                                exemplars: StepExemplars) -> None:
+        verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
+        for length in np.flatnonzero(summary.accepted_hist).tolist():
+            series.accepted_exemplars.offer(
+                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority
+            )
+        increments = (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted)
+        for index, value in enumerate(increments):
+            series.counter_exemplars.offer(
+                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority
+            )
+
+    # ---- exposition ------------------------------------------------------------------
+
+    def describe(self) -> list[Metric]:
+        # Lets the registry detect name clashes at register() time without collecting.
+        return [self._family(spec) for spec in METRICS]
+
+    def _family(self, spec: MetricSpec) -> Metric:
+        labels = [*spec.labels, *self._label_names]
+        if spec.type == "histogram":
+            return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+        return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+
+    def collect(self) -> Iterator[Metric]:
+        families = {spec.name: self._family(spec) for spec in METRICS}
+        const = self._label_values
+        with self._lock:
+            snapshot = [
+                (
+                    method,
+                    [(list(h.counts), h.sum, [h.exemplars.take(i) for i in range(len(h.counts))])
+                     for h in (*series.stages, series.step)],
+                    series.accepted_hist.copy(),
+                    series.draft_hist.copy(),
+                    [series.accepted_exemplars.take(i) for i in range(len(series.accepted_exemplars))],
+                    [series.counter_exemplars.take(i) for i in range(len(series.counter_exemplars))],
+                )
+                for method, series in self._series.items()
+            ]
+            drops = dict(self.drops.counts)
+        stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]
+        step_les = [floatToGoString(b) for b in self.step_buckets] + ["+Inf"]
+        k = self.max_draft_tokens
+        length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
+        positions = [str(p) for p in range(k)]
+        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in snapshot:
+            stage_family = families["spec_decode_stage_duration_seconds"]
+            for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
+                stage_family.add_metric([method, stage, *const], _buckets(stage_les, counts, ex), total)
+            counts, total, ex = latency[-1]
+            families["spec_decode_step_duration_seconds"].add_metric(
+                [method, *const], _buckets(step_les, counts, ex), total)
+            positions_index = np.arange(k + 1)
+            length_counts = [*accepted_hist.tolist(), 0]
+            families["spec_decode_accepted_length"].add_metric(
+                [method, *const], _buckets(length_les, length_counts, length_ex),
+                float(accepted_hist @ positions_index))
+            summary = AcceptSummary(accepted_hist, draft_hist)
+            for name, value, exemplar in zip(
+                _COUNTERS_WITH_EXEMPLARS,
+                (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
+                counter_ex,
+            ):
+                families[name].add_metric([method, *const], float(value), exemplar=exemplar)
+            for name, hist in (
+                ("spec_decode_draft_tokens_per_position_total", draft_hist),
+                ("spec_decode_accepted_tokens_per_position_total", accepted_hist),
+            ):
+                for position, value in zip(positions, summary.per_position(hist).tolist()):
+                    families[name].add_metric([method, position, *const], float(value))
+        for reason, value in drops.items():
+            families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))
+        yield from families.values()
+
+
+def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:
+    out: list[tuple] = []
+    for le, cumulative, exemplar in zip(les, accumulate(counts), exemplars):
+        out.append((le, float(cumulative), exemplar) if exemplar is not None else (le, float(cumulative)))
+    return out

@@ -1,0 +1,167 @@
+"""Configuration of the hooks, validated once at construction.
+
+Every option can be given to `SpecDecodeHooks(...)`; a few can also come from the
+environment (`SPEC_METRICS_*`, listed in `ENV_VARS`). An explicit argument wins over the
+environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .catalog import (
+    DEFAULT_MAX_DRAFT_TOKENS,
+    DEFAULT_STAGE_BUCKETS,
+    DEFAULT_STEP_BUCKETS,
+    RESERVED_LABELS,
+    STAGES,
+)
+
+__all__ = ["HooksConfig", "ENV_VARS"]
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+# option name -> (environment variable, parser)
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "enabled": ("SPEC_METRICS_ENABLED", "bool"),
+    "metrics": ("SPEC_METRICS_METRICS", "bool"),
+    "tracing": ("SPEC_METRICS_TRACING", "bool"),
+    "strict": ("SPEC_METRICS_STRICT", "bool"),
+    "trace_ratio": ("SPEC_METRICS_TRACE_RATIO", "float"),
+    "slow_step_seconds": ("SPEC_METRICS_SLOW_STEP_SECONDS", "float"),
+    "slow_stage_seconds": ("SPEC_METRICS_SLOW_STAGE_SECONDS", "float"),
+    "outlier_quantile": ("SPEC_METRICS_OUTLIER_QUANTILE", "float"),
+}
+
+
+def _parse_env(name: str, raw: str, kind: str) -> Any:
+    raw = raw.strip()
+    if kind == "bool":
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
+    if raw.lower() in ("", "none", "off"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """All options of `SpecDecodeHooks`. Build it with `HooksConfig.resolve(**options)`."""
+
+    method: str = "unknown"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    enabled: bool = True
+    metrics: bool = True
+    tracing: bool = True
+    strict: bool = False
+    # Fraction of ordinary steps whose spans are exported (outliers and steps of sampled
+    # requests are exported regardless).
+    trace_ratio: float = 0.01
+    # Absolute outlier thresholds; None turns that check off.
+    slow_step_seconds: float | None = None
+    slow_stage_seconds: float | Mapping[str, float] | None = None
+    # Running quantile above which a step or stage counts as an outlier; None turns it off.
+    outlier_quantile: float | None = 0.99
+    outlier_min_samples: int = 200
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+    stage_buckets: tuple[float, ...] = DEFAULT_STAGE_BUCKETS
+    step_buckets: tuple[float, ...] = DEFAULT_STEP_BUCKETS
+    # Steps whose device results (CUDA tensors) are not ready yet; beyond this the oldest
+    # is dropped rather than waiting on the device.
+    max_pending_steps: int = 256
+    warn_interval_seconds: float = 60.0
+
+    @classmethod
+    def resolve(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "HooksConfig":
+        """Defaults, then `SPEC_METRICS_*` variables, then explicit options (None = not given)."""
+        environ = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for name, (var, kind) in ENV_VARS.items():
+            if var in environ:
+                values[name] = _parse_env(var, environ[var], kind)
+        values.update({k: v for k, v in options.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.method, str) and _short_nonempty(self.method),
+               f"method must be a non-empty string, got {self.method!r}")
+        labels = dict(self.labels)
+        for name, value in labels.items():
+            _check(isinstance(name, str) and bool(_LABEL_NAME.match(name)),
+                   f"constant label name {name!r} is not a valid Prometheus label name")
+            _check(not name.startswith("__"),
+                   f"constant label name {name!r}: names starting with '__' are reserved")
+            _check(name not in RESERVED_LABELS,
+                   f"constant label name {name!r} is set by spec_metrics itself; "
+                   f"reserved: {', '.join(sorted(RESERVED_LABELS))}")
+            _check(isinstance(value, str),
+                   f"constant label {name}={value!r}: values must be strings")
+        object.__setattr__(self, "labels", labels)
+        _check(0.0 <= self.trace_ratio <= 1.0,
+               f"trace_ratio must be within [0, 1], got {self.trace_ratio!r}")
+        if self.outlier_quantile is not None:
+            _check(0.5 <= self.outlier_quantile < 1.0,
+                   f"outlier_quantile must be within [0.5, 1) or None, got {self.outlier_quantile!r}")
+        _check(self.outlier_min_samples >= 1,
+               f"outlier_min_samples must be >= 1, got {self.outlier_min_samples!r}")
+        if self.slow_step_seconds is not None:
+            _check(_positive(self.slow_step_seconds),
+                   f"slow_step_seconds must be a positive number, got {self.slow_step_seconds!r}")
+        if isinstance(self.slow_stage_seconds, Mapping):
+            for stage, limit in self.slow_stage_seconds.items():
+                _check(stage in STAGES,
+                       f"slow_stage_seconds: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+                _check(_positive(limit),
+                       f"slow_stage_seconds[{stage!r}] must be a positive number, got {limit!r}")
+        elif self.slow_stage_seconds is not None:
+            _check(_positive(self.slow_stage_seconds),
+                   f"slow_stage_seconds must be a positive number, got {self.slow_stage_seconds!r}")
+        _check(isinstance(self.max_draft_tokens, int) and 1 <= self.max_draft_tokens <= 64,
+               f"max_draft_tokens must be an integer within [1, 64], got {self.max_draft_tokens!r}")
+        for name in ("stage_buckets", "step_buckets"):
+            buckets = tuple(float(b) for b in getattr(self, name))
+            _check(len(buckets) > 0, f"{name} must not be empty")
+            _check(all(math.isfinite(b) and b > 0 for b in buckets),
+                   f"{name} must be finite positive seconds (+Inf is added for you), got {buckets}")
+            _check(all(a < b for a, b in zip(buckets, buckets[1:])),
+                   f"{name} must be strictly increasing, got {buckets}")
+            object.__setattr__(self, name, buckets)
+        _check(self.max_pending_steps >= 1,
+               f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
+        _check(self.warn_interval_seconds >= 0,
+               f"warn_interval_seconds must be >= 0, got {self.warn_interval_seconds!r}")
+
+    def slow_stage_limit(self, stage: str) -> float | None:
+        if isinstance(self.slow_stage_seconds, Mapping):
+            return self.slow_stage_seconds.get(stage)
+        return self.slow_stage_seconds
+
+
+def _short_nonempty(value: str) -> bool:
+    return bool(value) and len(value) <= 128
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"spec_metrics: {message}")

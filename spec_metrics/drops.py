@@ -1,0 +1,62 @@
+"""Rejected input: counted by reason, warned about at a bounded rate, or raised in strict mode."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .catalog import DROP_REASONS
+
+__all__ = ["DropCounter", "InputRejected", "StrictModeError", "logger"]
+
+logger = logging.getLogger("spec_metrics")
+
+
+class InputRejected(Exception):
+    """Raised inside the library to abandon one input; never escapes a hook in default mode."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class StrictModeError(ValueError):
+    """Bad input in strict mode. A ValueError whose message names the hook and the value."""
+
+
+class DropCounter:
+    """Counts rejected inputs per reason; shared by every hooks object of one collector.
+
+    Counts are plain ints bumped by the engine thread and read by the scrape thread; a
+    single `dict[key] += 1` under the GIL is enough, no lock on this path.
+    """
+
+    def __init__(self, warn_interval_seconds: float = 60.0) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._interval = warn_interval_seconds
+        self._last_warned: dict[str, float] = {}
+        self._since_warned: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    def reject(self, hook: str, reason: str, message: str, strict: bool = False) -> None:
+        """Count one rejected input; raise ValueError in strict mode, else warn (rate limited)."""
+        if reason not in self.counts:
+            reason = "internal_error"
+        self.counts[reason] += 1
+        text = f"spec_metrics.{hook}: {message}"
+        if strict:
+            raise StrictModeError(text)
+        self._since_warned[reason] += 1
+        now = time.monotonic()
+        last = self._last_warned.get(reason)
+        if last is not None and now - last < self._interval:
+            return
+        suppressed = self._since_warned[reason] - 1
+        self._since_warned[reason] = 0
+        self._last_warned[reason] = now
+        tail = f" ({suppressed} more like it since the last warning)" if suppressed else ""
+        logger.warning(
+            "%s — input dropped, counted in spec_metrics_dropped_total{reason=%r}%s; "
+            "further warnings for this reason at most every %gs",
+            text, reason, tail, self._interval,
+        )

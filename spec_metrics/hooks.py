@@ -1,0 +1,412 @@
+"""The stage hooks an engine calls: one call per stage per decode step, for the whole batch.
+
+    hooks = SpecDecodeHooks(method="eagle", labels={"model": "llama-3-8b"})
+    hooks.begin_step(request_ids=ids, traceparents=tps)      # optional
+    hooks.draft_start();  ...;  hooks.draft_end()
+    hooks.verify_start(); ...;  hooks.verify_end(accepted, draft_tokens=4)
+    hooks.draft_extend_start(); ...; hooks.draft_extend_end()
+    hooks.end_step()
+
+Hooks only take a timestamp and store counts in the step's record. At `end_step()` the
+record goes to the sinks once: the trace sink (which decides whether the step is traced)
+and the metrics collector. Records holding CUDA tensors wait, without synchronizing, until
+their copies have landed, and are handed to the sinks at a later `end_step()` or `flush()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from time import perf_counter_ns
+from typing import Any, Mapping, Sequence
+
+from opentelemetry import trace
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+
+from .catalog import STAGES
+from .collector import SpecDecodeCollector
+from .config import HooksConfig
+from .drops import DropCounter, InputRejected, StrictModeError, logger
+from .inputs import DeviceArray, summarize, to_counts, to_draft_tokens
+from .record import StepRecord
+from .tracing import TraceSink
+
+__all__ = ["SpecDecodeHooks"]
+
+_DRAFT, _VERIFY, _EXTEND = range(3)
+
+
+class SpecDecodeHooks:
+    """Stage hooks for one engine loop. Configure once; call per step for the whole batch.
+
+    Not thread-safe per object: one engine loop drives one hooks object. Several hooks
+    objects (threads, methods) may share one collector via `collector=`.
+    """
+
+    def __init__(
+        self,
+        method: str = "unknown",
+        *,
+        labels: Mapping[str, str] | None = None,
+        registry: CollectorRegistry | None = REGISTRY,
+        collector: SpecDecodeCollector | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        **options: Any,
+    ) -> None:
+        """
+        Args:
+          method: speculative method, the `method` label ("eagle", "ngram", "draft_model").
+          labels: constant labels on every series, e.g. {"model": ..., "engine": ...}.
+          registry: where the collector is registered; None to register nowhere.
+          collector: share another hooks object's collector instead of making one.
+          tracer_provider: OpenTelemetry provider; default: the global one (never set here).
+          options: any field of `HooksConfig` (trace_ratio, strict, slow_step_seconds, ...).
+        """
+        config = HooksConfig.resolve(method=method, labels=labels, **options)
+        self.config = config
+        self._on = config.enabled and (config.metrics or config.tracing)
+        self._strict = config.strict
+        self._method = config.method
+        self._max_k = config.max_draft_tokens
+        if collector is None:
+            collector = SpecDecodeCollector(
+                config.labels, max_draft_tokens=config.max_draft_tokens,
+                stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
+                drops=DropCounter(config.warn_interval_seconds),
+                registry=registry if (self._on and config.metrics) else None,
+            )
+            self._registered_in = registry if (self._on and config.metrics) else None
+        else:
+            self._registered_in = None
+            if collector.max_draft_tokens != config.max_draft_tokens:
+                raise ValueError(
+                    f"spec_metrics: max_draft_tokens={config.max_draft_tokens} differs from the "
+                    f"shared collector's {collector.max_draft_tokens}; pass the same value"
+                )
+        self.collector = collector
+        self._drops = collector.drops
+        self._metrics = config.metrics
+        self._tracer = (
+            TraceSink(config, self._drops, tracer_provider) if self._on and config.tracing else None
+        )
+        self._record: StepRecord | None = None
+        self._open = -1  # index of the stage started and not yet ended
+        self._steps = 0
+        self._pending: deque[StepRecord] = deque()
+        self._scopes = (_StageScope(self, _DRAFT), _VerifyScope(self), _StageScope(self, _EXTEND))
+        self._step_scope = _StepScope(self)
+
+    @property
+    def enabled(self) -> bool:
+        return self._on
+
+    # ---- step boundaries ---------------------------------------------------------------
+
+    def begin_step(self, request_ids: Sequence[Any] | None = None,
+                   traceparents: Sequence[str | None] | None = None,
+                   batch_size: int | None = None, method: str | None = None) -> None:
+        """Open a step (optional: the first stage start opens one). Ids and contexts are
+        kept by reference and only read if the step is traced."""
+        if not self._on:
+            return
+        try:
+            if self._record is not None:
+                self._reject("begin_step", "out_of_order",
+                             "begin_step() called before end_step() closed the previous step; "
+                             "the previous step was closed now")
+                self._close_record()
+            sizes = {len(x) for x in (request_ids, traceparents) if x is not None}
+            if batch_size is not None:
+                sizes.add(batch_size)
+            if len(sizes) > 1:
+                self._reject("begin_step", "wrong_shape",
+                             f"batch_size/request_ids/traceparents disagree on the batch size: "
+                             f"{sorted(sizes)}; they were ignored for this step")
+                request_ids = traceparents = batch_size = None
+                sizes = set()
+            if method is not None and not (isinstance(method, str) and method):
+                self._reject("begin_step", "wrong_type", f"method must be a non-empty string, "
+                                                          f"got {method!r}")
+                method = None
+            self._record = StepRecord(self._steps, method or self._method,
+                                      sizes.pop() if sizes else None, request_ids, traceparents)
+            self._steps += 1
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("begin_step")
+
+    def end_step(self) -> None:
+        """Close the step and hand it to the sinks (or queue it while device data lands)."""
+        if not self._on:
+            return
+        try:
+            if self._open >= 0:
+                self._discard_open("end_step")
+            if self._record is None:
+                self._reject("end_step", "end_without_start", "end_step() without a step: "
+                             "no stage was started since the last end_step()")
+                return
+            self._close_record()
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("end_step")
+
+    # ---- stages ------------------------------------------------------------------------
+
+    def draft_start(self) -> None:
+        if self._on:
+            self._start(_DRAFT, "draft_start")
+
+    def draft_end(self) -> None:
+        if self._on:
+            self._end(_DRAFT, "draft_end")
+
+    def verify_start(self) -> None:
+        if self._on:
+            self._start(_VERIFY, "verify_start")
+
+    def verify_end(self, accepted: Any = None, draft_tokens: Any = None) -> None:
+        """End verify. `accepted`: tokens accepted per request (list, numpy array, torch
+        tensor on CPU or CUDA); `draft_tokens`: K for all, or per request. A CUDA tensor is
+        copied without blocking and read at a later step."""
+        if not self._on:
+            return
+        if not self._end(_VERIFY, "verify_end") or accepted is None:
+            return
+        record = self._record
+        try:
+            counts = to_counts(accepted, "accepted", record.batch_size)
+            if draft_tokens is None:
+                raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
+                                                  "pass K, or the draft tokens of each request")
+            drafts = to_draft_tokens(draft_tokens, _length(counts))
+            if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
+                record.accepted, record.draft_tokens = counts, drafts
+            else:
+                record.summary = summarize(counts, drafts, self._max_k)
+        except InputRejected as rejected:
+            self._reject("verify_end", rejected.reason, rejected.message)
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("verify_end")
+
+    def draft_extend_start(self) -> None:
+        if self._on:
+            self._start(_EXTEND, "draft_extend_start")
+
+    def draft_extend_end(self) -> None:
+        if self._on:
+            self._end(_EXTEND, "draft_extend_end")
+
+    # ---- context-manager forms ---------------------------------------------------------
+
+    def step(self, request_ids: Sequence[Any] | None = None,
+             traceparents: Sequence[str | None] | None = None,
+             batch_size: int | None = None, method: str | None = None) -> "_StepScope":
+        """`with hooks.step(request_ids=...):` = begin_step(...) ... end_step()."""
+        scope = self._step_scope
+        scope.arguments = (request_ids, traceparents, batch_size, method)
+        return scope
+
+    def draft(self) -> "_StageScope":
+        return self._scopes[_DRAFT]
+
+    def verify(self) -> "_VerifyScope":
+        """`with hooks.verify() as v: ...; v.set_accepted(accepted, draft_tokens)`."""
+        return self._scopes[_VERIFY]  # type: ignore[return-value]
+
+    def draft_extend(self) -> "_StageScope":
+        return self._scopes[_EXTEND]
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def flush(self, timeout_millis: int = 30_000) -> None:
+        """Wait for device results of finished steps, hand them to the sinks and flush the
+        tracer provider if it can be flushed. For shutdown and tests, not for the hot path."""
+        while self._pending:
+            record = self._pending.popleft()
+            for value in (record.accepted, record.draft_tokens):
+                if isinstance(value, DeviceArray):
+                    value.wait()
+            self._sink(record)
+        if self._tracer is not None:
+            self._tracer.force_flush(timeout_millis)
+
+    def close(self) -> None:
+        """Flush, then unregister the collector this object registered."""
+        self.flush()
+        if self._registered_in is not None:
+            self._registered_in.unregister(self.collector)
+            self._registered_in = None
+        self._on = False
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _start(self, stage: int, hook: str) -> None:
+        now = perf_counter_ns()
+        try:
+            if self._open >= 0:
+                self._discard_open(hook)
+            record = self._record
+            if record is None:
+                record = self._record = StepRecord(self._steps, self._method)
+                self._steps += 1
+            elif stage <= record.last_stage:
+                self._reject(hook, "out_of_order",
+                             f"{STAGES[stage]} started after {STAGES[record.last_stage]} in the "
+                             "same step; call end_step() after each step (the previous step "
+                             "was closed now)")
+                self._close_record()
+                record = self._record = StepRecord(self._steps, self._method)
+                self._steps += 1
+            record.starts[stage] = now
+            record.last_stage = stage
+            self._open = stage
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error(hook)
+
+    def _end(self, stage: int, hook: str) -> bool:
+        now = perf_counter_ns()
+        if self._open != stage:
+            open_note = f"{STAGES[self._open]} is open" if self._open >= 0 else "no stage is open"
+            self._reject(hook, "end_without_start",
+                         f"{hook}() without {STAGES[stage]}_start() ({open_note}); dropped")
+            return False
+        self._record.ends[stage] = now  # type: ignore[union-attr]
+        self._open = -1
+        return True
+
+    def _discard_open(self, hook: str) -> None:
+        record = self._record
+        stage = self._open
+        self._open = -1
+        record.starts[stage] = 0  # type: ignore[union-attr]
+        done = [i for i, end in enumerate(record.ends) if end]  # type: ignore[union-attr]
+        record.last_stage = max(done) if done else -1  # type: ignore[union-attr]
+        self._reject(hook, "stage_not_ended",
+                     f"{STAGES[stage]} was started and never ended before {hook}(); "
+                     f"that {STAGES[stage]} stage was dropped")
+
+    def _close_record(self) -> None:
+        record = self._record
+        self._record = None
+        if record is None:
+            return
+        if record.pending():
+            if len(self._pending) >= self.config.max_pending_steps:
+                self._pending.popleft()
+                self._reject("end_step", "pending_overflow",
+                             f"more than {self.config.max_pending_steps} steps wait for device "
+                             "results; the oldest was dropped (is the device stream stalled?)")
+            self._pending.append(record)
+        elif self._pending:
+            self._pending.append(record)  # keep steps in order behind older pending ones
+        else:
+            self._sink(record)
+        while self._pending and not self._pending[0].pending():
+            self._sink(self._pending.popleft())
+
+    def _sink(self, record: StepRecord) -> None:
+        summary = record.summary
+        if summary is None and record.accepted is not None:
+            try:
+                summary = summarize(_resolve(record.accepted), _resolve(record.draft_tokens),
+                                    self._max_k)
+            except InputRejected as rejected:
+                self._reject("verify_end", rejected.reason,
+                             f"(step {record.index}, read from the device) {rejected.message}")
+        stage_seconds = record.stage_seconds()
+        step_seconds = record.step_seconds()
+        exemplars = None
+        if self._tracer is not None:
+            reason = self._tracer.decide(stage_seconds, step_seconds, record.traceparents)
+            if reason is not None:
+                exemplars = self._tracer.emit(record, reason, record.method, summary)
+        if self._metrics:
+            self.collector.consume(record.method, stage_seconds, step_seconds, summary, exemplars)
+
+    def _reject(self, hook: str, reason: str, message: str) -> None:
+        self._drops.reject(hook, reason, message, self._strict)
+
+    def _internal_error(self, hook: str) -> None:
+        self._drops.counts["internal_error"] += 1
+        logger.exception("spec_metrics.%s: internal error, step data dropped (please report)", hook)
+
+
+def _length(value: Any) -> int:
+    return int(value.shape[0]) if not isinstance(value, DeviceArray) else value.length
+
+
+def _resolve(value: Any) -> Any:
+    return value.result() if isinstance(value, DeviceArray) else value
+
+
+class _StageScope:
+    __slots__ = ("_hooks", "_stage")
+
+    def __init__(self, hooks: SpecDecodeHooks, stage: int) -> None:
+        self._hooks = hooks
+        self._stage = stage
+
+    def __enter__(self) -> "_StageScope":
+        hooks = self._hooks
+        if hooks._on:
+            hooks._start(self._stage, f"{STAGES[self._stage]}_start")
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        hooks = self._hooks
+        if hooks._on:
+            if exc_type is not None:
+                _drop_quietly(hooks, self._stage)
+            else:
+                hooks._end(self._stage, f"{STAGES[self._stage]}_end")
+
+
+class _VerifyScope(_StageScope):
+    __slots__ = ("_accepted", "_draft_tokens")
+
+    def __init__(self, hooks: SpecDecodeHooks) -> None:
+        super().__init__(hooks, _VERIFY)
+        self._accepted: Any = None
+        self._draft_tokens: Any = None
+
+    def set_accepted(self, accepted: Any, draft_tokens: Any) -> None:
+        self._accepted, self._draft_tokens = accepted, draft_tokens
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        accepted, drafts = self._accepted, self._draft_tokens
+        self._accepted = self._draft_tokens = None
+        hooks = self._hooks
+        if hooks._on:
+            if exc_type is not None:
+                _drop_quietly(hooks, _VERIFY)
+            else:
+                hooks.verify_end(accepted, drafts)
+
+
+class _StepScope:
+    __slots__ = ("_hooks", "arguments")
+
+    def __init__(self, hooks: SpecDecodeHooks) -> None:
+        self._hooks = hooks
+        self.arguments: tuple = (None, None, None, None)
+
+    def __enter__(self) -> "_StepScope":
+        self._hooks.begin_step(*self.arguments)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.arguments = (None, None, None, None)
+        self._hooks.end_step()
+
+
+def _drop_quietly(hooks: SpecDecodeHooks, stage: int) -> None:
+    """The engine raised inside a stage: forget that stage, it is not bad input."""
+    if hooks._open == stage and hooks._record is not None:
+        hooks._record.starts[stage] = 0
+        hooks._open = -1

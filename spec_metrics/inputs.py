@@ -1,0 +1,208 @@
+"""Turning what an engine passes to `verify_end` into checked integer counts.
+
+Accepted counts arrive as a list, a numpy array or a torch tensor (CPU or CUDA). Everything
+here is vectorized: a handful of numpy calls per step, whatever the batch size. torch is
+never imported; a tensor is recognised by duck typing, so `import spec_metrics` stays light.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from .drops import InputRejected
+
+__all__ = ["DeviceArray", "to_counts", "summarize", "AcceptSummary"]
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+class DeviceArray:
+    """A CUDA tensor being copied to pinned host memory without blocking the engine.
+
+    The copy and an event are queued on the tensor's current stream; `ready()` polls the
+    event (no synchronization) and `result()` reads the host copy once it is.
+    """
+
+    __slots__ = ("_host", "_event", "what", "length")
+
+    def __init__(self, tensor: Any, what: str) -> None:
+        import torch  # the caller already imported it: it handed us a tensor
+
+        self.what = what
+        self.length = int(tensor.shape[0])
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor.detach(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(tensor.device))
+
+    def ready(self) -> bool:
+        return bool(self._event.query())
+
+    def wait(self) -> None:
+        """Block until the copy is done; only for flush() at shutdown, never in a hook."""
+        self._event.synchronize()
+
+    def result(self) -> np.ndarray:
+        return _check_array(self._host.numpy(), self.what)
+
+
+def to_counts(value: Any, what: str, batch_size: int | None) -> "np.ndarray | DeviceArray":
+    """A 1-D int64 array of non-negative counts, or a DeviceArray still on its way.
+
+    Raises InputRejected with a reason from the catalog when the input cannot be used.
+    Values are checked here for host data, and in `DeviceArray.result()` for device data.
+    """
+    if isinstance(value, np.ndarray):
+        array = value
+    elif _is_torch_tensor(value):
+        if value.ndim != 1:
+            raise InputRejected("wrong_shape", f"{what} must be 1-D (one entry per request), "
+                                                 f"got a tensor of shape {tuple(value.shape)}")
+        _check_length(int(value.shape[0]), what, batch_size)
+        if value.device.type != "cpu":
+            if value.device.type != "cuda":
+                raise InputRejected("wrong_type", f"{what} is on device {value.device}; "
+                                                   "pass a CPU or CUDA tensor")
+            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == _torch_bool():
+                raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
+            return DeviceArray(value, what)
+        if value.dtype == _torch_bool() or value.dtype.is_complex:
+            raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
+        array = value.detach().numpy()
+    elif isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputRejected("wrong_type", f"{what} could not be read as an array: {exc}") from None
+    else:
+        raise InputRejected(
+            "wrong_type",
+            f"{what} must be a list, numpy array or torch tensor of per-request counts, "
+            f"got {type(value).__name__} {_short(value)}",
+        )
+    if array.ndim != 1:
+        raise InputRejected("wrong_shape", f"{what} must be 1-D (one entry per request), "
+                                             f"got shape {array.shape}")
+    _check_length(array.shape[0], what, batch_size)
+    return _check_array(array, what)
+
+
+def _torch_bool() -> Any:
+    return sys.modules["torch"].bool
+
+
+def _check_length(length: int, what: str, batch_size: int | None) -> None:
+    if batch_size is not None and length != batch_size:
+        raise InputRejected("wrong_shape", f"{what} has {length} entries but the batch has "
+                                             f"{batch_size} requests")
+
+
+def _check_array(array: np.ndarray, what: str) -> np.ndarray:
+    kind = array.dtype.kind
+    if kind in "iu":
+        pass
+    elif kind == "f":
+        if array.size and not np.isfinite(array).all():
+            raise InputRejected("non_finite", f"{what} contains NaN or infinity: {_short(array)}")
+        if array.size and (array != np.trunc(array)).any():
+            raise InputRejected("wrong_type", f"{what} must hold whole numbers, got {_short(array)}")
+        if array.size and (array.min() < -1e15 or array.max() > 1e15):
+            raise InputRejected("wrong_type", f"{what} holds values too large to be token counts: "
+                                                f"{_short(array)}")
+    else:
+        raise InputRejected("wrong_type", f"{what} has dtype {array.dtype}; pass integer counts")
+    if array.dtype != np.int64:
+        array = array.astype(np.int64)
+    return array
+
+
+class AcceptSummary:
+    """One verify pass, reduced to histograms over draft length and accepted length."""
+
+    __slots__ = ("accepted_hist", "draft_hist", "requests", "accepted", "draft_tokens", "drafts")
+
+    def __init__(self, accepted_hist: np.ndarray, draft_hist: np.ndarray) -> None:
+        # accepted_hist[i]: requests that accepted exactly i tokens;
+        # draft_hist[k]: requests that were given exactly k draft tokens.
+        self.accepted_hist = accepted_hist
+        self.draft_hist = draft_hist
+        positions = np.arange(len(accepted_hist))
+        self.requests = int(draft_hist.sum())
+        self.accepted = int(accepted_hist @ positions)
+        self.draft_tokens = int(draft_hist @ positions)
+        self.drafts = self.requests - int(draft_hist[0])
+
+    @property
+    def emitted(self) -> int:
+        return self.accepted + self.requests
+
+    def per_position(self, hist: np.ndarray) -> np.ndarray:
+        """Count per position p of requests whose value exceeds p (positions 0..K-1)."""
+        return np.cumsum(hist[::-1])[::-1][1:]
+
+
+def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int) -> AcceptSummary:
+    """Check accepted counts against draft tokens and reduce both to histograms."""
+    n = accepted.shape[0]
+    size = max_k + 1
+    if n:
+        lo, hi = int(accepted.min()), int(accepted.max())
+        if lo < 0:
+            raise InputRejected("negative", f"accepted counts must be >= 0, got {lo}")
+    else:
+        hi = 0
+    if isinstance(draft_tokens, np.ndarray):
+        if draft_tokens.shape[0] != n:
+            raise InputRejected("wrong_shape", f"draft_tokens has {draft_tokens.shape[0]} entries "
+                                                 f"but accepted has {n}")
+        if n:
+            dlo, dhi = int(draft_tokens.min()), int(draft_tokens.max())
+            if dlo < 0:
+                raise InputRejected("negative", f"draft_tokens must be >= 0, got {dlo}")
+            if dhi > max_k:
+                raise InputRejected("draft_tokens_exceed_max", f"draft_tokens {dhi} exceeds "
+                                    f"max_draft_tokens={max_k}; raise max_draft_tokens")
+            over = accepted > draft_tokens
+            if over.any():
+                i = int(np.argmax(over))
+                raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted "
+                                    f"{int(accepted[i])} of {int(draft_tokens[i])} draft tokens")
+        draft_hist = np.bincount(draft_tokens, minlength=size)
+    else:
+        k = draft_tokens
+        if k < 0:
+            raise InputRejected("negative", f"draft_tokens must be >= 0, got {k}")
+        if k > max_k:
+            raise InputRejected("draft_tokens_exceed_max", f"draft_tokens {k} exceeds "
+                                f"max_draft_tokens={max_k}; raise max_draft_tokens")
+        if hi > k:
+            i = int(np.argmax(accepted > k))
+            raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted {hi} of "
+                                f"{k} draft tokens")
+        draft_hist = np.zeros(size, dtype=np.int64)
+        draft_hist[k] = n
+    accepted_hist = np.bincount(accepted, minlength=size) if n else np.zeros(size, dtype=np.int64)
+    return AcceptSummary(accepted_hist, draft_hist)
+
+
+def to_draft_tokens(value: Any, batch_size: int | None) -> "int | np.ndarray | DeviceArray":
+    """draft_tokens is a scalar K for the whole batch, or one count per request."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InputRejected("wrong_type", f"draft_tokens must be an int, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) or (_is_torch_tensor(value) and value.ndim == 0):
+        raise InputRejected("wrong_type", f"draft_tokens must be an int or per-request counts, "
+                                           f"got {_short(value)}")
+    return to_counts(value, "draft_tokens", batch_size)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,56 @@
+"""A cheap running high-quantile estimate, to trace latency outliers whatever the ratio.
+
+Values go into fine log-spaced buckets (each 5% wider than the last): one bisect and one
+increment per value. Every `refresh` values the threshold is recomputed from the counts and
+the counts are halved, so the estimate follows the recent distribution (about the last few
+thousand values). The threshold is the upper edge of the quantile's bucket, so a steady
+distribution never flags its own values.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from itertools import accumulate
+
+__all__ = ["RunningQuantile"]
+
+_LOW, _HIGH, _GROWTH = 1e-6, 1e3, 1.05
+_EDGES: list[float] = [
+    _LOW * _GROWTH**i for i in range(int(math.log(_HIGH / _LOW) / math.log(_GROWTH)) + 2)
+]
+
+
+class RunningQuantile:
+    __slots__ = ("quantile", "min_samples", "refresh", "threshold", "_counts", "_total",
+                 "_since_refresh")
+
+    def __init__(self, quantile: float, min_samples: int = 200, refresh: int = 256) -> None:
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.refresh = refresh
+        self.threshold = math.inf  # nothing is an outlier until min_samples values were seen
+        self._counts = [0] * (len(_EDGES) + 1)
+        self._total = 0
+        self._since_refresh = 0
+
+    def observe(self, value: float) -> bool:
+        """Record `value` (seconds); return whether it lies above the current threshold."""
+        self._counts[bisect_left(_EDGES, value)] += 1
+        self._total += 1
+        self._since_refresh += 1
+        if self._since_refresh >= self.refresh or self._total == self.min_samples:
+            self._recompute()
+        return value > self.threshold
+
+    def _recompute(self) -> None:
+        self._since_refresh = 0
+        if self._total < self.min_samples:
+            return
+        target = self.quantile * sum(self._counts)
+        for index, running in enumerate(accumulate(self._counts)):
+            if running >= target:
+                self.threshold = _EDGES[index] if index < len(_EDGES) else math.inf
+                break
+        # Halve the history so the estimate follows the recent distribution.
+        self._counts = [c >> 1 for c in self._counts]

@@ -1,0 +1,55 @@
+"""The per-step record the hooks fill and the sinks consume once."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .catalog import STAGES
+
+__all__ = ["StepRecord"]
+
+
+class StepRecord:
+    """Timestamps and counts of one decode step. Plain slots: cheap to create and fill."""
+
+    __slots__ = ("index", "method", "starts", "ends", "last_stage", "batch_size", "request_ids",
+                 "traceparents", "accepted", "draft_tokens", "summary")
+
+    def __init__(self, index: int, method: str, batch_size: int | None = None,
+                 request_ids: Sequence[Any] | None = None,
+                 traceparents: Sequence[str | None] | None = None) -> None:
+        self.index = index
+        self.method = method
+        # perf_counter_ns per stage, indexed like STAGES; 0 = not recorded.
+        self.starts = [0] * len(STAGES)
+        self.ends = [0] * len(STAGES)
+        self.last_stage = -1  # highest stage index started in this step
+        self.batch_size = batch_size
+        self.request_ids = request_ids
+        self.traceparents = traceparents
+        # Host arrays, or DeviceArray copies still in flight, until the step is resolved.
+        self.accepted: Any = None
+        self.draft_tokens: Any = None
+        self.summary: Any = None  # AcceptSummary once the counts are checked
+
+    def pending(self) -> bool:
+        """Whether device data of this step has not arrived yet (polls, never waits)."""
+        for value in (self.accepted, self.draft_tokens):
+            if value is not None and not isinstance(value, (np.ndarray, int)) and not value.ready():
+                return True
+        return False
+
+    def stage_seconds(self) -> list[float | None]:
+        return [
+            (end - start) / 1e9 if start and end else None
+            for start, end in zip(self.starts, self.ends)
+        ]
+
+    def step_seconds(self) -> float | None:
+        """First recorded stage start to last recorded stage end."""
+        starts = [s for s, e in zip(self.starts, self.ends) if s and e]
+        if not starts:
+            return None
+        return (max(e for e in self.ends if e) - min(starts)) / 1e9
