@@ -1,0 +1,39 @@
+"""The `spec-metrics` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    from .catalog import markdown_table
+
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="spec-metrics",
+        description="Prometheus metrics, OpenTelemetry spans and exemplars for speculative decoding.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    catalog = commands.add_parser("catalog", help="print the metric catalog as a Markdown table")
+    catalog.set_defaults(run=_catalog)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

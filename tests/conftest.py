@@ -1,0 +1,103 @@
+"""Shared fixtures: a fresh registry, a real SDK tracer provider with an in-memory exporter,
+and a settable clock for tests that need exact durations."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+import spec_metrics
+from spec_metrics import hooks as hooks_module
+
+
+class Clock:
+    """Stands in for perf_counter_ns so durations are exact: tests set the time by hand."""
+
+    def __init__(self, start_ns: int = 1_000_000_000) -> None:
+        self.now = start_ns
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1e9)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield tracer_provider
+    tracer_provider.shutdown()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(hooks_module, "perf_counter_ns", fake)
+    return fake
+
+
+@pytest.fixture
+def make_hooks(registry: CollectorRegistry, provider: TracerProvider):
+    def factory(method: str = "eagle", **options: Any) -> spec_metrics.SpecDecodeHooks:
+        options.setdefault("trace_ratio", 0.0)
+        options.setdefault("max_draft_tokens", 4)
+        return spec_metrics.SpecDecodeHooks(
+            method, registry=registry, tracer_provider=provider, **options
+        )
+
+    return factory
+
+
+def run_step(hooks: spec_metrics.SpecDecodeHooks, clock: Clock | None, accepted: Any,
+             draft_tokens: Any, durations: tuple[float, float, float] = (0.002, 0.010, 0.001),
+             gap: float = 0.0, **step_kwargs: Any) -> None:
+    """One step with exact stage durations (when a clock is given)."""
+    hooks.begin_step(**step_kwargs)
+    for index, (start, end) in enumerate(
+        ((hooks.draft_start, hooks.draft_end), (hooks.verify_start, None),
+         (hooks.draft_extend_start, hooks.draft_extend_end))
+    ):
+        start()
+        if clock is not None:
+            clock.advance(durations[index])
+        if end is None:
+            hooks.verify_end(accepted, draft_tokens)
+        else:
+            end()
+        if clock is not None and index < 2:
+            clock.advance(gap)
+    hooks.end_step()
+
+
+def scrape(registry: CollectorRegistry) -> dict[str, Any]:
+    """OpenMetrics exposition parsed back by prometheus_client's own parser, by family."""
+    text = openmetrics_latest(registry).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample_value(families: dict[str, Any], family: str, sample: str, **labels: str) -> float:
+    matches = [
+        s.value for s in families[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(matches) == 1, (family, sample, labels, matches)
+    return matches[0]
