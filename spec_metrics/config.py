@@ -80,6 +80,9 @@ class HooksConfig:
     # Steps whose device results (CUDA tensors) are not ready yet; beyond this the oldest
     # is dropped rather than waiting on the device.
     max_pending_steps: int = 256
+    # "cpu": perf_counter_ns at the hooks. "cuda": CUDA events recorded at the hooks and
+    # read once completed, for stages whose work runs on the GPU.
+    timer: str = "cpu"
     warn_interval_seconds: float = 60.0
 
     @classmethod
@@ -143,6 +146,7 @@ class HooksConfig:
             _check(all(a < b for a, b in zip(buckets, buckets[1:])),
                    f"{name} must be strictly increasing, got {buckets}")
             object.__setattr__(self, name, buckets)
+        _check(self.timer in ("cpu", "cuda"), f"timer must be 'cpu' or 'cuda', got {self.timer!r}")
         _check(self.max_pending_steps >= 1,
                f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
         _check(self.warn_interval_seconds >= 0,

@@ -25,8 +25,9 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from .catalog import STAGES
 from .collector import SpecDecodeCollector
 from .config import HooksConfig
+from .cuda_timing import CudaEventTimer, gpu_times_ns, wait_events
 from .drops import DropCounter, InputRejected, StrictModeError, logger
-from .inputs import DeviceArray, summarize, to_counts, to_draft_tokens
+from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from .record import StepRecord
 from .tracing import TraceSink
 
@@ -88,6 +89,8 @@ class SpecDecodeHooks:
         self._tracer = (
             TraceSink(config, self._drops, tracer_provider) if self._on and config.tracing else None
         )
+        self._gpu = CudaEventTimer() if self._on and config.timer == "cuda" else None
+        self._pinned = PinnedPool()
         self._record: StepRecord | None = None
         self._open = -1  # index of the stage started and not yet ended
         self._steps = 0
@@ -127,9 +130,9 @@ class SpecDecodeHooks:
                 self._reject("begin_step", "wrong_type", f"method must be a non-empty string, "
                                                           f"got {method!r}")
                 method = None
-            self._record = StepRecord(self._steps, method or self._method,
-                                      sizes.pop() if sizes else None, request_ids, traceparents)
-            self._steps += 1
+            self._record = self._new_record(method or self._method,
+                                            sizes.pop() if sizes else None, request_ids,
+                                            traceparents)
         except StrictModeError:
             raise
         except Exception:
@@ -176,11 +179,11 @@ class SpecDecodeHooks:
             return
         record = self._record
         try:
-            counts = to_counts(accepted, "accepted", record.batch_size)
+            counts = to_counts(accepted, "accepted", record.batch_size, self._pinned)
             if draft_tokens is None:
                 raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
                                                   "pass K, or the draft tokens of each request")
-            drafts = to_draft_tokens(draft_tokens, _length(counts))
+            drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
             if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
                 record.accepted, record.draft_tokens = counts, drafts
             else:
@@ -222,6 +225,22 @@ class SpecDecodeHooks:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
+    def warm_up_device(self, max_batch_size: int, buffers: int = 8) -> None:
+        """Allocate the pinned host buffers that CUDA counts are copied into, now.
+
+        The first pinned allocation can stall until the device is idle; do it at start-up
+        rather than in the first verify_end. `buffers` per dtype (int32 and int64) covers
+        that many steps in flight before more are allocated. With timer="cuda" this also
+        creates the CUDA events ahead.
+        """
+        if not self._on:
+            return
+        import torch
+
+        self._pinned.reserve(max_batch_size, (torch.int64, torch.int32), buffers)
+        if self._gpu is not None:
+            self._gpu.reserve(2 * len(STAGES) * buffers)
+
     def flush(self, timeout_millis: int = 30_000) -> None:
         """Wait for device results of finished steps, hand them to the sinks and flush the
         tracer provider if it can be flushed. For shutdown and tests, not for the hot path."""
@@ -230,6 +249,8 @@ class SpecDecodeHooks:
             for value in (record.accepted, record.draft_tokens):
                 if isinstance(value, DeviceArray):
                     value.wait()
+            if record.gpu_starts is not None:
+                wait_events(record.gpu_starts, record.gpu_ends)  # type: ignore[arg-type]
             self._sink(record)
         if self._tracer is not None:
             self._tracer.force_flush(timeout_millis)
@@ -251,17 +272,17 @@ class SpecDecodeHooks:
                 self._discard_open(hook)
             record = self._record
             if record is None:
-                record = self._record = StepRecord(self._steps, self._method)
-                self._steps += 1
+                record = self._new_record(self._method)
             elif stage <= record.last_stage:
                 self._reject(hook, "out_of_order",
                              f"{STAGES[stage]} started after {STAGES[record.last_stage]} in the "
                              "same step; call end_step() after each step (the previous step "
                              "was closed now)")
                 self._close_record()
-                record = self._record = StepRecord(self._steps, self._method)
-                self._steps += 1
+                record = self._new_record(self._method)
             record.starts[stage] = now
+            if self._gpu is not None:
+                record.gpu_starts[stage] = self._gpu.mark()  # type: ignore[index]
             record.last_stage = stage
             self._open = stage
         except StrictModeError:
@@ -276,15 +297,31 @@ class SpecDecodeHooks:
             self._reject(hook, "end_without_start",
                          f"{hook}() without {STAGES[stage]}_start() ({open_note}); dropped")
             return False
-        self._record.ends[stage] = now  # type: ignore[union-attr]
+        record = self._record
+        record.ends[stage] = now  # type: ignore[union-attr]
+        if self._gpu is not None:
+            record.gpu_ends[stage] = self._gpu.mark()  # type: ignore[union-attr,index]
         self._open = -1
         return True
+
+    def _new_record(self, method: str, batch_size: int | None = None,
+                    request_ids: Sequence[Any] | None = None,
+                    traceparents: Sequence[str | None] | None = None) -> StepRecord:
+        record = self._record = StepRecord(self._steps, method, batch_size, request_ids,
+                                           traceparents)
+        self._steps += 1
+        if self._gpu is not None:
+            record.gpu_starts = [None] * len(STAGES)
+            record.gpu_ends = [None] * len(STAGES)
+        return record
 
     def _discard_open(self, hook: str) -> None:
         record = self._record
         stage = self._open
         self._open = -1
         record.starts[stage] = 0  # type: ignore[union-attr]
+        if record.gpu_starts is not None:  # type: ignore[union-attr]
+            record.gpu_starts[stage] = None  # type: ignore[union-attr]
         done = [i for i, end in enumerate(record.ends) if end]  # type: ignore[union-attr]
         record.last_stage = max(done) if done else -1  # type: ignore[union-attr]
         self._reject(hook, "stage_not_ended",
@@ -319,6 +356,12 @@ class SpecDecodeHooks:
             except InputRejected as rejected:
                 self._reject("verify_end", rejected.reason,
                              f"(step {record.index}, read from the device) {rejected.message}")
+        if record.gpu_starts is not None:
+            # Device time replaces enqueue time, on the CPU clock's scale (see cuda_timing).
+            record.starts, record.ends = gpu_times_ns(record.gpu_starts, record.gpu_ends,
+                                                      record.starts)  # type: ignore[arg-type]
+            self._gpu.release([*record.gpu_starts, *record.gpu_ends])  # type: ignore[union-attr]
+            record.gpu_starts = record.gpu_ends = None
         stage_seconds = record.stage_seconds()
         step_seconds = record.step_seconds()
         exemplars = None

@@ -14,12 +14,45 @@ import numpy as np
 
 from .drops import InputRejected
 
-__all__ = ["DeviceArray", "to_counts", "summarize", "AcceptSummary"]
+__all__ = ["DeviceArray", "PinnedPool", "to_counts", "to_draft_tokens", "summarize",
+           "AcceptSummary"]
 
 
 def _is_torch_tensor(value: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+class PinnedPool:
+    """Pinned host buffers for device-to-host copies, reused across steps.
+
+    Allocating pinned memory (cudaHostAlloc) can stall until the device is idle, so it must
+    not happen per step: buffers are taken from here and given back once read. Call
+    `reserve()` at start-up (SpecDecodeHooks.warm_up_device) so no allocation happens later.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[Any, list[Any]] = {}
+
+    def take(self, length: int, dtype: Any) -> Any:
+        free = self._free.setdefault(dtype, [])
+        for index, buffer in enumerate(free):
+            if buffer.shape[0] >= length:
+                return free.pop(index)
+        import torch
+
+        capacity = 1 << max(8, (length - 1).bit_length())  # powers of two, at least 256
+        return torch.empty(capacity, dtype=dtype, pin_memory=True)
+
+    def give(self, buffer: Any) -> None:
+        self._free.setdefault(buffer.dtype, []).append(buffer)
+
+    def reserve(self, length: int, dtypes: tuple[Any, ...], count: int) -> None:
+        for dtype in dtypes:
+            self._free.setdefault(dtype, [])
+            held = [self.take(length, dtype) for _ in range(count)]
+            for buffer in held:
+                self.give(buffer)
 
 
 class DeviceArray:
@@ -29,14 +62,16 @@ class DeviceArray:
     event (no synchronization) and `result()` reads the host copy once it is.
     """
 
-    __slots__ = ("_host", "_event", "what", "length")
+    __slots__ = ("_buffer", "_host", "_event", "_pool", "what", "length")
 
-    def __init__(self, tensor: Any, what: str) -> None:
+    def __init__(self, tensor: Any, what: str, pool: PinnedPool) -> None:
         import torch  # the caller already imported it: it handed us a tensor
 
         self.what = what
         self.length = int(tensor.shape[0])
-        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._pool = pool
+        self._buffer = pool.take(self.length, tensor.dtype)
+        self._host = self._buffer[: self.length]
         self._host.copy_(tensor.detach(), non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record(torch.cuda.current_stream(tensor.device))
@@ -49,10 +84,14 @@ class DeviceArray:
         self._event.synchronize()
 
     def result(self) -> np.ndarray:
-        return _check_array(self._host.numpy(), self.what)
+        """The checked host array; the pinned buffer goes back to the pool."""
+        array = np.array(self._host.numpy())  # a copy: the buffer is reused
+        self._pool.give(self._buffer)
+        return _check_array(array, self.what)
 
 
-def to_counts(value: Any, what: str, batch_size: int | None) -> "np.ndarray | DeviceArray":
+def to_counts(value: Any, what: str, batch_size: int | None,
+              pool: PinnedPool | None = None) -> "np.ndarray | DeviceArray":
     """A 1-D int64 array of non-negative counts, or a DeviceArray still on its way.
 
     Raises InputRejected with a reason from the catalog when the input cannot be used.
@@ -71,7 +110,7 @@ def to_counts(value: Any, what: str, batch_size: int | None) -> "np.ndarray | De
                                                    "pass a CPU or CUDA tensor")
             if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == _torch_bool():
                 raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
-            return DeviceArray(value, what)
+            return DeviceArray(value, what, pool if pool is not None else PinnedPool())
         if value.dtype == _torch_bool() or value.dtype.is_complex:
             raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
         array = value.detach().numpy()
@@ -191,7 +230,8 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
     return AcceptSummary(accepted_hist, draft_hist)
 
 
-def to_draft_tokens(value: Any, batch_size: int | None) -> "int | np.ndarray | DeviceArray":
+def to_draft_tokens(value: Any, batch_size: int | None,
+                    pool: PinnedPool | None = None) -> "int | np.ndarray | DeviceArray":
     """draft_tokens is a scalar K for the whole batch, or one count per request."""
     if isinstance(value, (bool, np.bool_)):
         raise InputRejected("wrong_type", f"draft_tokens must be an int, got {value!r}")
@@ -200,7 +240,7 @@ def to_draft_tokens(value: Any, batch_size: int | None) -> "int | np.ndarray | D
     if isinstance(value, float) or (_is_torch_tensor(value) and value.ndim == 0):
         raise InputRejected("wrong_type", f"draft_tokens must be an int or per-request counts, "
                                            f"got {_short(value)}")
-    return to_counts(value, "draft_tokens", batch_size)
+    return to_counts(value, "draft_tokens", batch_size, pool)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .catalog import STAGES
+from .cuda_timing import events_done
 
 __all__ = ["StepRecord"]
 
@@ -15,7 +16,7 @@ class StepRecord:
     """Timestamps and counts of one decode step. Plain slots: cheap to create and fill."""
 
     __slots__ = ("index", "method", "starts", "ends", "last_stage", "batch_size", "request_ids",
-                 "traceparents", "accepted", "draft_tokens", "summary")
+                 "traceparents", "accepted", "draft_tokens", "summary", "gpu_starts", "gpu_ends")
 
     def __init__(self, index: int, method: str, batch_size: int | None = None,
                  request_ids: Sequence[Any] | None = None,
@@ -33,12 +34,17 @@ class StepRecord:
         self.accepted: Any = None
         self.draft_tokens: Any = None
         self.summary: Any = None  # AcceptSummary once the counts are checked
+        # CUDA events per stage with timer="cuda", else None.
+        self.gpu_starts: list[Any] | None = None
+        self.gpu_ends: list[Any] | None = None
 
     def pending(self) -> bool:
         """Whether device data of this step has not arrived yet (polls, never waits)."""
         for value in (self.accepted, self.draft_tokens):
             if value is not None and not isinstance(value, (np.ndarray, int)) and not value.ready():
                 return True
+        if self.gpu_starts is not None:
+            return not events_done(self.gpu_starts, self.gpu_ends)  # type: ignore[arg-type]
         return False
 
     def stage_seconds(self) -> list[float | None]:

@@ -1,0 +1,358 @@
+"""Batched speculative decoding with continuous batching (reference engine).
+
+Per step: draft k tokens for every running request -> ONE target forward over
+[pending, d_1..d_k] for the whole batch -> acceptance (greedy or rejection
+sampling, vectorized) -> draft_extend -> one host sync for bookkeeping
+(which requests finished, which join).  Prefill of joining requests happens
+before ``begin_step`` and is not part of any hooked stage.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Deque, Optional, Sequence
+
+import torch
+
+from .corpus import Corpus, load_corpus
+from .drafters import BatchView, ModelDrafter, NgramDrafter, Proposal
+from .models import GPT, plain_greedy_generate
+from .sampling import Acceptor, greedy_accept, probs, rejection_accept
+
+__all__ = ["EngineConfig", "Engine", "Request", "SpecCounters", "generate",
+           "plain_greedy_generate", "ModelDrafter", "NgramDrafter"]
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 8
+    k: int = 4
+    temperature: float = 0.0  # 0 = greedy acceptance, > 0 = rejection sampling
+    arrival_rate: Optional[float] = 50.0  # Poisson requests/s; None = keep batch full
+    num_requests: Optional[int] = None  # None = endless stream
+    prompt_len: tuple[int, int] = (16, 64)  # uniform, inclusive
+    max_new_tokens: tuple[int, int] = (32, 64)  # uniform per request, inclusive
+    stop_at_eos: bool = True
+    clock: str = "wall"  # "wall" or "virtual" (deterministic: virtual_step_s per step)
+    virtual_step_s: float = 0.02
+    seed: int = 0
+    keep_finished: int = 10_000  # finished requests kept for inspection
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    max_new_tokens: int
+    arrival_time: float
+    start_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None  # "length" | "eos"
+    output: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)  # prompt + emitted (untruncated)
+
+
+@dataclass
+class SpecCounters:
+    """Exact ground truth, counted on the host from the per-step sync."""
+
+    k: int
+    steps: int = 0
+    verified: int = 0  # request-steps that went through verification
+    drafts: int = 0  # request-steps with >= 1 draft token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0  # accepted + 1 per verified request-step
+    output_tokens: int = 0  # emitted tokens kept after max_new_tokens / EOS cut
+    requests_arrived: int = 0
+    requests_started: int = 0
+    requests_finished: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # #req with accepted > p
+    draft_tokens_per_pos: list[int] = field(default_factory=list)  # #req with drafts > p
+
+    def __post_init__(self) -> None:
+        self.accepted_per_pos = self.accepted_per_pos or [0] * self.k
+        self.draft_tokens_per_pos = self.draft_tokens_per_pos or [0] * self.k
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_emitted_per_verify(self) -> float:
+        return self.emitted_tokens / self.verified if self.verified else 0.0
+
+    def copy(self) -> "SpecCounters":
+        return SpecCounters(**{**self.__dict__,
+                               "accepted_per_pos": list(self.accepted_per_pos),
+                               "draft_tokens_per_pos": list(self.draft_tokens_per_pos)})
+
+
+class Engine:
+    def __init__(self, target: GPT, drafter: Any, config: EngineConfig = EngineConfig(),
+                 hooks: Any = None, corpus: Optional[Corpus] = None,
+                 acceptor: Optional[Acceptor] = None, seq_cap: Optional[int] = None) -> None:
+        self.target, self.drafter, self.cfg, self.hooks = target, drafter, config, hooks
+        self.corpus = corpus or load_corpus()
+        self.eos_id = self.corpus.tokenizer.eos_id
+        self.acceptor = acceptor or rejection_accept
+        self.device = target.device
+        k = config.k
+        need = config.prompt_len[1] + config.max_new_tokens[1] + k
+        self.seq_cap = seq_cap or need
+        if self.seq_cap > target.cfg.max_seq:
+            raise ValueError(f"prompt+max_new+k = {self.seq_cap} > model max_seq "
+                             f"{target.cfg.max_seq}")
+        self.tcache = target.new_cache(config.batch_size, self.seq_cap)
+        drafter.allocate(config.batch_size, self.seq_cap)
+        self.counters = SpecCounters(k=k)
+        self.rows: list[Request] = []
+        self.waiting: Deque[Request] = collections.deque()
+        self.finished: Deque[Request] = collections.deque(maxlen=config.keep_finished)
+        self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.lens = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._rng = random.Random(config.seed)  # workload: arrivals, prompts, lengths
+        self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self._n_created = 0
+        self._next_arrival = self._draw_gap() if config.arrival_rate else 0.0
+        self._t0: Optional[float] = None
+        self._vnow = 0.0
+        self._spike_ms, self._spike_left = 0.0, None
+
+    # ------------------------------------------------------------ controls
+    def collapse(self, sigma: Optional[float] = None) -> None:
+        """Degrade the drafter now (re-noise with a big sigma / random n-grams)."""
+        self.drafter.collapse(sigma)
+
+    def restore(self) -> None:
+        self.drafter.restore()
+
+    def set_spike(self, ms: float, steps: Optional[int] = None) -> None:
+        """Add ``ms`` of latency to the verify stage, for ``steps`` steps (None: until cleared)."""
+        self._spike_ms, self._spike_left = float(ms), steps
+
+    def clear_spike(self) -> None:
+        self.set_spike(0.0)
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int) -> Request:
+        """Queue an explicit request (in addition to / instead of the Poisson stream)."""
+        if not 1 <= len(prompt) <= self.cfg.prompt_len[1]:
+            raise ValueError("prompt must be non-empty and <= config.prompt_len[1]")
+        if max_new_tokens > self.cfg.max_new_tokens[1]:
+            raise ValueError("max_new_tokens > config.max_new_tokens[1]")
+        req = Request(f"req-{self._n_created:06d}", list(prompt), max_new_tokens, self.now())
+        self._n_created += 1
+        self.counters.requests_arrived += 1
+        self.waiting.append(req)
+        return req
+
+    # --------------------------------------------------------------- clock
+    def now(self) -> float:
+        if self.cfg.clock == "virtual":
+            return self._vnow
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        return time.monotonic() - self._t0
+
+    def _draw_gap(self) -> float:
+        return self._rng.expovariate(self.cfg.arrival_rate) if self.cfg.arrival_rate else 0.0
+
+    def _more_arrivals(self) -> bool:
+        n = self.cfg.num_requests
+        return n is None or self._n_created < n
+
+    def _new_request(self, arrival: float) -> None:
+        lo, hi = self.cfg.prompt_len
+        prompt = self.corpus.sample_prompt(self._rng, lo, hi)
+        self.submit(prompt, self._rng.randint(*self.cfg.max_new_tokens)).arrival_time = arrival
+
+    def _arrivals(self) -> None:
+        now = self.now()
+        if self.cfg.arrival_rate is None:  # closed loop: keep exactly enough queued
+            while (len(self.rows) + len(self.waiting) < self.cfg.batch_size
+                   and self._more_arrivals()):
+                self._new_request(now)
+            return
+        while self._next_arrival <= now and self._more_arrivals():
+            self._new_request(self._next_arrival)
+            self._next_arrival += self._draw_gap()
+
+    def _wait_for_arrival(self) -> bool:
+        """Idle until the next arrival; False when the workload is exhausted."""
+        if self.cfg.arrival_rate is None or not self._more_arrivals():
+            return False
+        if self.cfg.clock == "virtual":
+            self._vnow = max(self._vnow, self._next_arrival)
+        else:
+            time.sleep(max(0.0, self._next_arrival - self.now()))
+        return True
+
+    # ------------------------------------------------------------ batching
+    def _admit(self) -> None:
+        self._arrivals()
+        if not self.rows and not self.waiting and self._wait_for_arrival():
+            self._arrivals()
+        new: list[Request] = []
+        while self.waiting and len(self.rows) + len(new) < self.cfg.batch_size:
+            req = self.waiting.popleft()
+            req.start_time, req.context = self.now(), list(req.prompt)
+            new.append(req)
+        if not new:
+            return
+        # Prefill prompt[:-1]; prompt[-1] becomes the pending token.  Rows are
+        # right-padded; padding lands past each row's length and is never read.
+        n_ctx = max(len(r.prompt) for r in new) - 1
+        toks = torch.zeros((len(new), max(n_ctx, 1)), dtype=torch.long)
+        for i, r in enumerate(new):
+            toks[i, :len(r.prompt) - 1] = torch.tensor(r.prompt[:-1], dtype=torch.long)
+        toks = toks.to(self.device)
+        row0 = len(self.rows)
+        if n_ctx > 0:
+            with torch.no_grad():
+                zeros = torch.zeros(len(new), dtype=torch.long, device=self.device)
+                self.target(toks[:, :n_ctx], self.tcache, zeros, row0, n_ctx)
+        self.drafter.prefill(row0, toks[:, :n_ctx], n_ctx)
+        self.rows += new
+        add_lens = torch.tensor([len(r.prompt) - 1 for r in new], dtype=torch.long)
+        add_pend = torch.tensor([r.prompt[-1] for r in new], dtype=torch.long)
+        self.lens = torch.cat([self.lens, add_lens.to(self.device)])
+        self.pending = torch.cat([self.pending, add_pend.to(self.device)])
+        self.counters.requests_started += len(new)
+
+    def _retire(self, done: list[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in set(done)]
+        keep_t = torch.tensor(keep, dtype=torch.long).to(self.device)
+        self.tcache.compact(keep_t)
+        self.drafter.compact(keep_t)
+        self.lens, self.pending = self.lens[keep_t], self.pending[keep_t]
+        for i in done:
+            self.finished.append(self.rows[i])
+        self.rows = [self.rows[i] for i in keep]
+        self.counters.requests_finished += len(done)
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One speculative step over the running batch; False if nothing ran."""
+        self._admit()
+        if not self.rows:
+            return False
+        cfg, h, k = self.cfg, self.hooks, self.cfg.k
+        view = BatchView(self.pending, self.lens, max(len(r.context) for r in self.rows) - 1,
+                         [r.context for r in self.rows], cfg.temperature, self._gen)
+        if h is not None:
+            h.begin_step(request_ids=[r.id for r in self.rows], traceparents=None)
+            h.draft_start()
+        prop: Proposal = self.drafter.propose(view, k)
+        if h is not None:
+            h.draft_end()
+            h.verify_start()
+        if self._spike_ms > 0:
+            # Host sleep inside the stage: on CUDA the GPU idles for the same
+            # time, which event-based timing also sees.
+            time.sleep(self._spike_ms / 1000.0)
+            if self._spike_left is not None:
+                self._spike_left -= 1
+                if self._spike_left <= 0:
+                    self.clear_spike()
+        inp = torch.cat([self.pending[:, None], prop.tokens], dim=1)  # [B, k+1]
+        logits = self.target(inp, self.tcache, self.lens, 0, view.kv_bound + k + 1)
+        if cfg.temperature <= 0:
+            accepted, nxt = greedy_accept(logits, prop.tokens, prop.lengths)
+        else:
+            accepted, nxt = self.acceptor(probs(logits, cfg.temperature), prop.q,
+                                          prop.tokens, prop.lengths, self._gen)
+        if h is not None:
+            h.verify_end(accepted, k if prop.lengths is None else prop.lengths)
+            h.draft_extend_start()
+        self.drafter.extend(view, accepted, prop)
+        if h is not None:
+            h.draft_extend_end()
+        # Emitted tokens: drafts[:accepted] then nxt at slot `accepted`.
+        out = torch.cat([prop.tokens, nxt[:, None]], dim=1)
+        out = out.scatter(1, accepted[:, None], nxt[:, None])
+        self.lens = self.lens + 1 + accepted  # new tensors: hooks may hold `accepted`
+        self.pending = nxt
+        if h is not None:
+            h.end_step()
+        # The one host sync per step: continuous batching needs the emitted
+        # tokens on the host to detect EOS / length and to admit new requests.
+        packed = torch.cat([accepted[:, None], out], dim=1).cpu()
+        self._bookkeep(packed, prop)
+        return True
+
+    def _bookkeep(self, packed: torch.Tensor, prop: Proposal) -> None:
+        c, k, B = self.counters, self.cfg.k, packed.shape[0]
+        acc = packed[:, 0]
+        n_draft = torch.tensor(prop.lengths_host) if prop.lengths_host is not None \
+            else torch.full((B,), k)
+        pos = torch.arange(k)
+        c.steps += 1
+        c.verified += B
+        c.drafts += int((n_draft > 0).sum())
+        c.draft_tokens += int(n_draft.sum())
+        c.accepted_tokens += int(acc.sum())
+        c.emitted_tokens += int(acc.sum()) + B
+        for p, (a_p, d_p) in enumerate(zip((acc[:, None] > pos).sum(0).tolist(),
+                                           (n_draft[:, None] > pos).sum(0).tolist())):
+            c.accepted_per_pos[p] += a_p
+            c.draft_tokens_per_pos[p] += d_p
+        rows, done, now = packed.tolist(), [], self.now()
+        for i, (req, row) in enumerate(zip(self.rows, rows)):
+            new = row[1:row[0] + 2]
+            req.context += new
+            room = req.max_new_tokens - len(req.output)
+            keep = new[:room]
+            if self.cfg.stop_at_eos and self.eos_id in keep:
+                keep = keep[:keep.index(self.eos_id) + 1]
+                req.finish_reason = "eos"
+            elif len(keep) == room:
+                req.finish_reason = "length"
+            req.output += keep
+            c.output_tokens += len(keep)
+            if req.finish_reason is not None:
+                req.finish_time = now
+                done.append(i)
+        if done:
+            self._retire(done)
+        if self.cfg.clock == "virtual":
+            self._vnow += self.cfg.virtual_step_s
+
+    # ----------------------------------------------------------------- run
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting and not self._more_arrivals()
+
+    def run(self, steps: Optional[int] = None, seconds: Optional[float] = None) -> SpecCounters:
+        """Run ``steps`` steps and/or for ``seconds`` of wall time, or (neither
+        given) until a finite workload is done.  Returns a counter snapshot."""
+        if steps is None and seconds is None and self.cfg.num_requests is None:
+            raise ValueError("endless workload: give steps= or seconds=")
+        deadline = None if seconds is None else time.monotonic() + seconds
+        ran = 0
+        while steps is None or ran < steps:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self.step():
+                ran += 1
+            elif self.idle():
+                break
+        return self.counters.copy()
+
+
+def generate(target: GPT, drafter: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             k: int = 4, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+             acceptor: Optional[Acceptor] = None, hooks: Any = None
+             ) -> tuple[list[list[int]], SpecCounters]:
+    """Static batch: all prompts start together; returns outputs in prompt order."""
+    cfg = EngineConfig(batch_size=len(prompts), k=k, temperature=temperature,
+                       arrival_rate=None, num_requests=0, clock="virtual", seed=seed,
+                       prompt_len=(1, max(len(p) for p in prompts)),
+                       max_new_tokens=(1, max_new_tokens), stop_at_eos=stop_at_eos,
+                       keep_finished=len(prompts))
+    eng = Engine(target, drafter, cfg, hooks=hooks, acceptor=acceptor)
+    reqs = [eng.submit(p, max_new_tokens) for p in prompts]
+    counters = eng.run()
+    return [r.output for r in reqs], counters
