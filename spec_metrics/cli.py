@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="spec-metrics",
-        description="Prometheus metrics, OpenTelemetry spans and exemplars for speculative decoding.",
+        description="Prometheus metrics, OpenTelemetry spans and exemplars for "
+        "speculative decoding.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

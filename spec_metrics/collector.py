@@ -198,12 +198,12 @@ class SpecDecodeCollector(Collector):
             snapshot = [
                 (
                     method,
-                    [(list(h.counts), h.sum, [h.exemplars.take(i) for i in range(len(h.counts))])
+                    [(list(h.counts), h.sum, _take_all(h.exemplars))
                      for h in (*series.stages, series.step)],
                     series.accepted_hist.copy(),
                     series.draft_hist.copy(),
-                    [series.accepted_exemplars.take(i) for i in range(len(series.accepted_exemplars))],
-                    [series.counter_exemplars.take(i) for i in range(len(series.counter_exemplars))],
+                    _take_all(series.accepted_exemplars),
+                    _take_all(series.counter_exemplars),
                 )
                 for method, series in self._series.items()
             ]
@@ -216,7 +216,8 @@ class SpecDecodeCollector(Collector):
         for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in snapshot:
             stage_family = families["spec_decode_stage_duration_seconds"]
             for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
-                stage_family.add_metric([method, stage, *const], _buckets(stage_les, counts, ex), total)
+                stage_family.add_metric([method, stage, *const],
+                                        _buckets(stage_les, counts, ex), total)
             counts, total, ex = latency[-1]
             families["spec_decode_step_duration_seconds"].add_metric(
                 [method, *const], _buckets(step_les, counts, ex), total)
@@ -243,8 +244,16 @@ class SpecDecodeCollector(Collector):
         yield from families.values()
 
 
+def _take_all(slots: ExemplarSlots) -> list[Exemplar | None]:
+    return [slots.take(i) for i in range(len(slots))]
+
+
 def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:
+    """prometheus_client's bucket tuples: (le, cumulative count[, exemplar])."""
     out: list[tuple] = []
     for le, cumulative, exemplar in zip(les, accumulate(counts), exemplars):
-        out.append((le, float(cumulative), exemplar) if exemplar is not None else (le, float(cumulative)))
+        if exemplar is None:
+            out.append((le, float(cumulative)))
+        else:
+            out.append((le, float(cumulative), exemplar))
     return out

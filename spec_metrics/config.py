@@ -121,7 +121,8 @@ class HooksConfig:
                f"trace_ratio must be within [0, 1], got {self.trace_ratio!r}")
         if self.outlier_quantile is not None:
             _check(0.5 <= self.outlier_quantile < 1.0,
-                   f"outlier_quantile must be within [0.5, 1) or None, got {self.outlier_quantile!r}")
+                   "outlier_quantile must be within [0.5, 1) or None, "
+                   f"got {self.outlier_quantile!r}")
         _check(self.outlier_min_samples >= 1,
                f"outlier_min_samples must be >= 1, got {self.outlier_min_samples!r}")
         if self.slow_step_seconds is not None:

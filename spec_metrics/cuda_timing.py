@@ -52,7 +52,8 @@ def wait_events(starts: list[Any], ends: list[Any]) -> None:
             event.synchronize()
 
 
-def gpu_times_ns(starts: list[Any], ends: list[Any], cpu_starts: list[int]) -> tuple[list[int], list[int]]:
+def gpu_times_ns(starts: list[Any], ends: list[Any],
+                 cpu_starts: list[int]) -> tuple[list[int], list[int]]:
     """Stage start/end times on the CPU clock's scale, from completed events.
 
     The first recorded start event is anchored at the CPU time of its hook; every other

@@ -25,10 +25,12 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from .catalog import STAGES
 from .collector import SpecDecodeCollector
 from .config import HooksConfig
-from .cuda_timing import CudaEventTimer, gpu_times_ns, wait_events
+from .cuda_timing import CudaEventTimer, wait_events
 from .drops import DropCounter, InputRejected, StrictModeError, logger
 from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from .record import StepRecord
+from .scopes import StageScope, StepScope, VerifyScope
+from .sinks import StepSinks
 from .tracing import TraceSink
 
 __all__ = ["SpecDecodeHooks"]
@@ -85,18 +87,19 @@ class SpecDecodeHooks:
                 )
         self.collector = collector
         self._drops = collector.drops
-        self._metrics = config.metrics
         self._tracer = (
             TraceSink(config, self._drops, tracer_provider) if self._on and config.tracing else None
         )
         self._gpu = CudaEventTimer() if self._on and config.timer == "cuda" else None
         self._pinned = PinnedPool()
+        self._sinks = StepSinks(collector if config.metrics else None, self._tracer, self._gpu,
+                                self._max_k, self._reject)
         self._record: StepRecord | None = None
         self._open = -1  # index of the stage started and not yet ended
         self._steps = 0
         self._pending: deque[StepRecord] = deque()
-        self._scopes = (_StageScope(self, _DRAFT), _VerifyScope(self), _StageScope(self, _EXTEND))
-        self._step_scope = _StepScope(self)
+        self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
+        self._step_scope = StepScope(self)
 
     @property
     def enabled(self) -> bool:
@@ -207,20 +210,20 @@ class SpecDecodeHooks:
 
     def step(self, request_ids: Sequence[Any] | None = None,
              traceparents: Sequence[str | None] | None = None,
-             batch_size: int | None = None, method: str | None = None) -> "_StepScope":
+             batch_size: int | None = None, method: str | None = None) -> StepScope:
         """`with hooks.step(request_ids=...):` = begin_step(...) ... end_step()."""
         scope = self._step_scope
         scope.arguments = (request_ids, traceparents, batch_size, method)
         return scope
 
-    def draft(self) -> "_StageScope":
+    def draft(self) -> StageScope:
         return self._scopes[_DRAFT]
 
-    def verify(self) -> "_VerifyScope":
+    def verify(self) -> VerifyScope:
         """`with hooks.verify() as v: ...; v.set_accepted(accepted, draft_tokens)`."""
         return self._scopes[_VERIFY]  # type: ignore[return-value]
 
-    def draft_extend(self) -> "_StageScope":
+    def draft_extend(self) -> StageScope:
         return self._scopes[_EXTEND]
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -251,7 +254,7 @@ class SpecDecodeHooks:
                     value.wait()
             if record.gpu_starts is not None:
                 wait_events(record.gpu_starts, record.gpu_ends)  # type: ignore[arg-type]
-            self._sink(record)
+            self._sinks.consume(record)
         if self._tracer is not None:
             self._tracer.force_flush(timeout_millis)
 
@@ -343,34 +346,9 @@ class SpecDecodeHooks:
         elif self._pending:
             self._pending.append(record)  # keep steps in order behind older pending ones
         else:
-            self._sink(record)
+            self._sinks.consume(record)
         while self._pending and not self._pending[0].pending():
-            self._sink(self._pending.popleft())
-
-    def _sink(self, record: StepRecord) -> None:
-        summary = record.summary
-        if summary is None and record.accepted is not None:
-            try:
-                summary = summarize(_resolve(record.accepted), _resolve(record.draft_tokens),
-                                    self._max_k)
-            except InputRejected as rejected:
-                self._reject("verify_end", rejected.reason,
-                             f"(step {record.index}, read from the device) {rejected.message}")
-        if record.gpu_starts is not None:
-            # Device time replaces enqueue time, on the CPU clock's scale (see cuda_timing).
-            record.starts, record.ends = gpu_times_ns(record.gpu_starts, record.gpu_ends,
-                                                      record.starts)  # type: ignore[arg-type]
-            self._gpu.release([*record.gpu_starts, *record.gpu_ends])  # type: ignore[union-attr]
-            record.gpu_starts = record.gpu_ends = None
-        stage_seconds = record.stage_seconds()
-        step_seconds = record.step_seconds()
-        exemplars = None
-        if self._tracer is not None:
-            reason = self._tracer.decide(stage_seconds, step_seconds, record.traceparents)
-            if reason is not None:
-                exemplars = self._tracer.emit(record, reason, record.method, summary)
-        if self._metrics:
-            self.collector.consume(record.method, stage_seconds, step_seconds, summary, exemplars)
+            self._sinks.consume(self._pending.popleft())
 
     def _reject(self, hook: str, reason: str, message: str) -> None:
         self._drops.reject(hook, reason, message, self._strict)
@@ -382,74 +360,3 @@ class SpecDecodeHooks:
 
 def _length(value: Any) -> int:
     return int(value.shape[0]) if not isinstance(value, DeviceArray) else value.length
-
-
-def _resolve(value: Any) -> Any:
-    return value.result() if isinstance(value, DeviceArray) else value
-
-
-class _StageScope:
-    __slots__ = ("_hooks", "_stage")
-
-    def __init__(self, hooks: SpecDecodeHooks, stage: int) -> None:
-        self._hooks = hooks
-        self._stage = stage
-
-    def __enter__(self) -> "_StageScope":
-        hooks = self._hooks
-        if hooks._on:
-            hooks._start(self._stage, f"{STAGES[self._stage]}_start")
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        hooks = self._hooks
-        if hooks._on:
-            if exc_type is not None:
-                _drop_quietly(hooks, self._stage)
-            else:
-                hooks._end(self._stage, f"{STAGES[self._stage]}_end")
-
-
-class _VerifyScope(_StageScope):
-    __slots__ = ("_accepted", "_draft_tokens")
-
-    def __init__(self, hooks: SpecDecodeHooks) -> None:
-        super().__init__(hooks, _VERIFY)
-        self._accepted: Any = None
-        self._draft_tokens: Any = None
-
-    def set_accepted(self, accepted: Any, draft_tokens: Any) -> None:
-        self._accepted, self._draft_tokens = accepted, draft_tokens
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        accepted, drafts = self._accepted, self._draft_tokens
-        self._accepted = self._draft_tokens = None
-        hooks = self._hooks
-        if hooks._on:
-            if exc_type is not None:
-                _drop_quietly(hooks, _VERIFY)
-            else:
-                hooks.verify_end(accepted, drafts)
-
-
-class _StepScope:
-    __slots__ = ("_hooks", "arguments")
-
-    def __init__(self, hooks: SpecDecodeHooks) -> None:
-        self._hooks = hooks
-        self.arguments: tuple = (None, None, None, None)
-
-    def __enter__(self) -> "_StepScope":
-        self._hooks.begin_step(*self.arguments)
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.arguments = (None, None, None, None)
-        self._hooks.end_step()
-
-
-def _drop_quietly(hooks: SpecDecodeHooks, stage: int) -> None:
-    """The engine raised inside a stage: forget that stage, it is not bad input."""
-    if hooks._open == stage and hooks._record is not None:
-        hooks._record.starts[stage] = 0
-        hooks._open = -1

@@ -104,21 +104,22 @@ def to_counts(value: Any, what: str, batch_size: int | None,
             raise InputRejected("wrong_shape", f"{what} must be 1-D (one entry per request), "
                                                  f"got a tensor of shape {tuple(value.shape)}")
         _check_length(int(value.shape[0]), what, batch_size)
-        if value.device.type != "cpu":
-            if value.device.type != "cuda":
-                raise InputRejected("wrong_type", f"{what} is on device {value.device}; "
-                                                   "pass a CPU or CUDA tensor")
-            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == _torch_bool():
-                raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
-            return DeviceArray(value, what, pool if pool is not None else PinnedPool())
+        if value.device.type not in ("cpu", "cuda"):
+            raise InputRejected("wrong_type", f"{what} is on device {value.device}; "
+                                               "pass a CPU or CUDA tensor")
         if value.dtype == _torch_bool() or value.dtype.is_complex:
-            raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; pass integer counts")
+            raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; "
+                                               "pass integer counts")
+        if value.device.type != "cpu":
+            # Values (NaN, range) are checked when the copy is read, in DeviceArray.result().
+            return DeviceArray(value, what, pool if pool is not None else PinnedPool())
         array = value.detach().numpy()
     elif isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
         except (ValueError, TypeError) as exc:
-            raise InputRejected("wrong_type", f"{what} could not be read as an array: {exc}") from None
+            raise InputRejected("wrong_type",
+                                f"{what} could not be read as an array: {exc}") from None
     else:
         raise InputRejected(
             "wrong_type",
@@ -150,7 +151,8 @@ def _check_array(array: np.ndarray, what: str) -> np.ndarray:
         if array.size and not np.isfinite(array).all():
             raise InputRejected("non_finite", f"{what} contains NaN or infinity: {_short(array)}")
         if array.size and (array != np.trunc(array)).any():
-            raise InputRejected("wrong_type", f"{what} must hold whole numbers, got {_short(array)}")
+            raise InputRejected("wrong_type",
+                                f"{what} must hold whole numbers, got {_short(array)}")
         if array.size and (array.min() < -1e15 or array.max() > 1e15):
             raise InputRejected("wrong_type", f"{what} holds values too large to be token counts: "
                                                 f"{_short(array)}")

@@ -33,7 +33,8 @@ def _route(path: str, metrics_path: str) -> str:
     return "other"
 
 
-def make_wsgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/metrics") -> Callable:
+def make_wsgi_app(registry: CollectorRegistry = REGISTRY,
+                  metrics_path: str = "/metrics") -> Callable:
     """A WSGI app serving `metrics_path` and `/healthz`. Mounted under a prefix that is
     itself the metrics URL (e.g. at "/metrics"), pass metrics_path="/"."""
     metrics_path = metrics_path.rstrip("/") or "/"
@@ -52,7 +53,8 @@ def make_wsgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
     return app
 
 
-def make_asgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/metrics") -> Callable:
+def make_asgi_app(registry: CollectorRegistry = REGISTRY,
+                  metrics_path: str = "/metrics") -> Callable:
     """The ASGI counterpart of `make_wsgi_app`."""
     metrics_path = metrics_path.rstrip("/") or "/"
     metrics_app = prometheus_client.make_asgi_app(registry)

@@ -32,7 +32,8 @@ def parse_traceparent(value: object) -> SpanContext | None:
     trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
     if trace_id == 0 or span_id == 0:
         return None
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16)))
+    flags = TraceFlags(int(flags_hex, 16))
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
 
 
 def any_sampled(traceparents: Sequence[str | None]) -> bool:
