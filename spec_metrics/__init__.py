@@ -10,12 +10,14 @@ from .config import HooksConfig
 from .drops import StrictModeError
 from .hooks import SpecDecodeHooks
 from .server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
+from .sinks import StepResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SpecDecodeHooks",
     "SpecDecodeCollector",
+    "StepResult",
     "HooksConfig",
     "StrictModeError",
     "MetricSpec",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from time import perf_counter_ns
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import trace
 from prometheus_client.registry import REGISTRY, CollectorRegistry
@@ -30,7 +30,7 @@ from .drops import DropCounter, InputRejected, StrictModeError, logger
 from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from .record import StepRecord
 from .scopes import StageScope, StepScope, VerifyScope
-from .sinks import StepSinks
+from .sinks import StepResult, StepSinks
 from .tracing import TraceSink
 
 __all__ = ["SpecDecodeHooks"]
@@ -53,6 +53,7 @@ class SpecDecodeHooks:
         registry: CollectorRegistry | None = REGISTRY,
         collector: SpecDecodeCollector | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        on_step: Callable[[StepResult], None] | None = None,
         **options: Any,
     ) -> None:
         """
@@ -62,6 +63,8 @@ class SpecDecodeHooks:
           registry: where the collector is registered; None to register nowhere.
           collector: share another hooks object's collector instead of making one.
           tracer_provider: OpenTelemetry provider; default: the global one (never set here).
+          on_step: called with a `StepResult` after each step reached the sinks (for logs,
+            summaries); it runs on the engine thread, so keep it cheap.
           options: any field of `HooksConfig` (trace_ratio, strict, slow_step_seconds, ...).
         """
         config = HooksConfig.resolve(method=method, labels=labels, **options)
@@ -93,7 +96,7 @@ class SpecDecodeHooks:
         self._gpu = CudaEventTimer() if self._on and config.timer == "cuda" else None
         self._pinned = PinnedPool()
         self._sinks = StepSinks(collector if config.metrics else None, self._tracer, self._gpu,
-                                self._max_k, self._reject)
+                                self._max_k, self._reject, on_step)
         self._record: StepRecord | None = None
         self._open = -1  # index of the stage started and not yet ended
         self._steps = 0

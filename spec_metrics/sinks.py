@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .collector import SpecDecodeCollector
 from .cuda_timing import CudaEventTimer, gpu_times_ns
-from .drops import InputRejected
+from .drops import InputRejected, logger
 from .inputs import DeviceArray, summarize
 from .record import StepRecord
 from .tracing import TraceSink
 
-__all__ = ["StepSinks"]
+__all__ = ["StepSinks", "StepResult"]
+
+
+class StepResult(NamedTuple):
+    """What one finished step recorded, as handed to an `on_step` listener."""
+
+    index: int
+    method: str
+    stage_seconds: list[float | None]  # indexed like STAGES; None where a stage was skipped
+    step_seconds: float | None
+    requests: int  # requests verified (0 if the counts were dropped or absent)
+    draft_tokens: int
+    accepted_tokens: int
+    trace_id: str | None  # hex trace id when the step's spans were exported
+    sample_reason: str | None  # why it was traced: "outlier", "request", "ratio"
 
 
 class StepSinks:
@@ -20,7 +34,9 @@ class StepSinks:
 
     def __init__(self, collector: SpecDecodeCollector | None, tracer: TraceSink | None,
                  gpu: CudaEventTimer | None, max_k: int,
-                 reject: Callable[[str, str, str], None]) -> None:
+                 reject: Callable[[str, str, str], None],
+                 on_step: Callable[[StepResult], None] | None = None) -> None:
+        self._on_step = on_step
         self._collector = collector
         self._tracer = tracer
         self._gpu = gpu
@@ -44,7 +60,7 @@ class StepSinks:
             record.gpu_starts = record.gpu_ends = None
         stage_seconds = record.stage_seconds()
         step_seconds = record.step_seconds()
-        exemplars = None
+        exemplars = reason = None
         if self._tracer is not None:
             reason = self._tracer.decide(stage_seconds, step_seconds, record.traceparents)
             if reason is not None:
@@ -52,6 +68,24 @@ class StepSinks:
         if self._collector is not None:
             self._collector.consume(record.method, stage_seconds, step_seconds, summary,
                                     exemplars)
+        if self._on_step is not None:
+            self._notify(record, stage_seconds, step_seconds, summary, exemplars, reason)
+
+    def _notify(self, record: StepRecord, stage_seconds: list[float | None],
+                step_seconds: float | None, summary: Any, exemplars: Any,
+                reason: str | None) -> None:
+        result = StepResult(
+            record.index, record.method, stage_seconds, step_seconds,
+            summary.requests if summary is not None else 0,
+            summary.draft_tokens if summary is not None else 0,
+            summary.accepted if summary is not None else 0,
+            exemplars.trace_id if exemplars is not None else None,
+            reason if exemplars is not None else None,
+        )
+        try:
+            self._on_step(result)  # type: ignore[misc]
+        except Exception:
+            logger.exception("spec_metrics: the on_step listener raised; step data is kept")
 
 
 def _resolve(value: Any) -> Any:

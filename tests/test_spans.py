@@ -130,3 +130,24 @@ def test_no_sdk_no_spans_no_exemplars(registry, clock):
     from prometheus_client.openmetrics.exposition import generate_latest
 
     assert b"trace_id" not in generate_latest(registry)
+
+
+def test_on_step_listener_sees_each_step_and_its_trace(registry, provider, exporter, clock):
+    import spec_metrics
+
+    results = []
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracer_provider=provider,
+                                         trace_ratio=0.0, outlier_quantile=None,
+                                         slow_step_seconds=0.05, max_draft_tokens=4,
+                                         on_step=results.append)
+    run_step(hooks, clock, [1, 2], 4, durations=(0.002, 0.010, 0.001))
+    run_step(hooks, clock, [0, 4], 4, durations=(0.002, 0.090, 0.001))
+    assert [r.index for r in results] == [0, 1]
+    first, second = results
+    assert first.trace_id is None and first.sample_reason is None
+    assert (first.requests, first.draft_tokens, first.accepted_tokens) == (2, 8, 3)
+    assert first.stage_seconds == pytest.approx([0.002, 0.010, 0.001])
+    assert first.step_seconds == pytest.approx(0.013)
+    step_span = next(s for s in exporter.get_finished_spans() if s.name == "spec_decode.step")
+    assert second.trace_id == format(step_span.context.trace_id, "032x")
+    assert second.sample_reason == "outlier"
