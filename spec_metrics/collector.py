@@ -237,7 +237,7 @@ class SpecDecodeCollector(Collector):
                 ("spec_decode_draft_tokens_per_position_total", draft_hist),
                 ("spec_decode_accepted_tokens_per_position_total", accepted_hist),
             ):
-                for position, value in zip(positions, summary.per_position(hist).tolist()):
+                for position, value in zip(positions, summary.per_position(hist)):
                     families[name].add_metric([method, position, *const], float(value))
         for reason, value in drops.items():
             families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))

@@ -8,6 +8,7 @@ never imported; a tensor is recognised by duck typing, so `import spec_metrics` 
 from __future__ import annotations
 
 import sys
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -104,16 +105,18 @@ def to_counts(value: Any, what: str, batch_size: int | None,
             raise InputRejected("wrong_shape", f"{what} must be 1-D (one entry per request), "
                                                  f"got a tensor of shape {tuple(value.shape)}")
         _check_length(int(value.shape[0]), what, batch_size)
-        if value.device.type not in ("cpu", "cuda"):
+        device = value.device.type
+        if device not in ("cpu", "cuda"):
             raise InputRejected("wrong_type", f"{what} is on device {value.device}; "
                                                "pass a CPU or CUDA tensor")
         if value.dtype == _torch_bool() or value.dtype.is_complex:
             raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; "
                                                "pass integer counts")
-        if value.device.type != "cpu":
+        if device != "cpu":
             # Values (NaN, range) are checked when the copy is read, in DeviceArray.result().
             return DeviceArray(value, what, pool if pool is not None else PinnedPool())
-        array = value.detach().numpy()
+        # Integer tensors cannot require grad; detach() only where it matters.
+        array = value.detach().numpy() if value.dtype.is_floating_point else value.numpy()
     elif isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
@@ -173,39 +176,40 @@ class AcceptSummary:
         # draft_hist[k]: requests that were given exactly k draft tokens.
         self.accepted_hist = accepted_hist
         self.draft_hist = draft_hist
-        positions = np.arange(len(accepted_hist))
-        self.requests = int(draft_hist.sum())
-        self.accepted = int(accepted_hist @ positions)
-        self.draft_tokens = int(draft_hist @ positions)
-        self.drafts = self.requests - int(draft_hist[0])
+        # Python ints on K+1 values beat numpy's per-call overhead here.
+        accepted, drafted = accepted_hist.tolist(), draft_hist.tolist()
+        self.requests = sum(drafted)
+        self.accepted = sum(map(mul, accepted, range(len(accepted))))
+        self.draft_tokens = sum(map(mul, drafted, range(len(drafted))))
+        self.drafts = self.requests - drafted[0]
 
     @property
     def emitted(self) -> int:
         return self.accepted + self.requests
 
-    def per_position(self, hist: np.ndarray) -> np.ndarray:
-        """Count per position p of requests whose value exceeds p (positions 0..K-1)."""
-        return np.cumsum(hist[::-1])[::-1][1:]
+    @staticmethod
+    def per_position(hist: np.ndarray) -> list[int]:
+        """Per position p (0..K-1), the requests whose value exceeds p: sum(hist[p+1:])."""
+        out: list[int] = []
+        running = 0
+        for count in reversed(hist.tolist()[1:]):
+            running += count
+            out.append(running)
+        out.reverse()
+        return out
 
 
 def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int) -> AcceptSummary:
     """Check accepted counts against draft tokens and reduce both to histograms."""
     n = accepted.shape[0]
     size = max_k + 1
-    if n:
-        lo, hi = int(accepted.min()), int(accepted.max())
-        if lo < 0:
-            raise InputRejected("negative", f"accepted counts must be >= 0, got {lo}")
-    else:
-        hi = 0
+    hi = _max_non_negative(accepted, "accepted counts") if n else 0
     if isinstance(draft_tokens, np.ndarray):
         if draft_tokens.shape[0] != n:
             raise InputRejected("wrong_shape", f"draft_tokens has {draft_tokens.shape[0]} entries "
                                                  f"but accepted has {n}")
         if n:
-            dlo, dhi = int(draft_tokens.min()), int(draft_tokens.max())
-            if dlo < 0:
-                raise InputRejected("negative", f"draft_tokens must be >= 0, got {dlo}")
+            dhi = _max_non_negative(draft_tokens, "draft_tokens")
             if dhi > max_k:
                 raise InputRejected("draft_tokens_exceed_max", f"draft_tokens {dhi} exceeds "
                                     f"max_draft_tokens={max_k}; raise max_draft_tokens")
@@ -230,6 +234,14 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
         draft_hist[k] = n
     accepted_hist = np.bincount(accepted, minlength=size) if n else np.zeros(size, dtype=np.int64)
     return AcceptSummary(accepted_hist, draft_hist)
+
+
+def _max_non_negative(values: np.ndarray, what: str) -> int:
+    """The largest value, in one pass: viewed as unsigned, negatives wrap above 2**63."""
+    top = int(np.maximum.reduce(values.view(np.uint64)))
+    if top >= 1 << 63:
+        raise InputRejected("negative", f"{what} must be >= 0, got {int(values.min())}")
+    return top
 
 
 def to_draft_tokens(value: Any, batch_size: int | None,

@@ -30,7 +30,7 @@ class RunningQuantile:
         self.min_samples = min_samples
         self.refresh = refresh
         self.threshold = math.inf  # nothing is an outlier until min_samples values were seen
-        self._counts = [0] * (len(_EDGES) + 1)
+        self._counts = [0.0] * (len(_EDGES) + 1)  # floats: halving keeps thin tails
         self._total = 0
         self._since_refresh = 0
 
@@ -53,4 +53,4 @@ class RunningQuantile:
                 self.threshold = _EDGES[index] if index < len(_EDGES) else math.inf
                 break
         # Halve the history so the estimate follows the recent distribution.
-        self._counts = [c >> 1 for c in self._counts]
+        self._counts = [c * 0.5 for c in self._counts]

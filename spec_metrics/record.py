@@ -47,15 +47,18 @@ class StepRecord:
             return not events_done(self.gpu_starts, self.gpu_ends)  # type: ignore[arg-type]
         return False
 
-    def stage_seconds(self) -> list[float | None]:
-        return [
-            (end - start) / 1e9 if start and end else None
-            for start, end in zip(self.starts, self.ends)
-        ]
-
-    def step_seconds(self) -> float | None:
-        """First recorded stage start to last recorded stage end."""
-        starts = [s for s, e in zip(self.starts, self.ends) if s and e]
-        if not starts:
-            return None
-        return (max(e for e in self.ends if e) - min(starts)) / 1e9
+    def durations(self) -> tuple[list[float | None], float | None]:
+        """Seconds per stage (None where not recorded) and of the step: first recorded
+        start to last recorded end."""
+        stages: list[float | None] = []
+        first = last = 0
+        for start, end in zip(self.starts, self.ends):
+            if start and end:
+                stages.append((end - start) / 1e9)
+                if not first or start < first:
+                    first = start
+                if end > last:
+                    last = end
+            else:
+                stages.append(None)
+        return stages, ((last - first) / 1e9 if first else None)

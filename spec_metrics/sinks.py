@@ -58,8 +58,7 @@ class StepSinks:
                                                       record.starts)  # type: ignore[arg-type]
             self._gpu.release([*record.gpu_starts, *record.gpu_ends])  # type: ignore[misc]
             record.gpu_starts = record.gpu_ends = None
-        stage_seconds = record.stage_seconds()
-        step_seconds = record.step_seconds()
+        stage_seconds, step_seconds = record.durations()
         exemplars = reason = None
         if self._tracer is not None:
             reason = self._tracer.decide(stage_seconds, step_seconds, record.traceparents)

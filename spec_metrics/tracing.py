@@ -102,8 +102,8 @@ class TraceSink:
             attributes["spec_decode.batch_size"] = record.batch_size
         if record.request_ids is not None:
             attributes["spec_decode.request_ids"] = [str(r) for r in record.request_ids]
-        if summary is not None:
-            attributes.update(_accept_attributes(summary))
+        accept_attributes = _accept_attributes(summary) if summary is not None else {}
+        attributes.update(accept_attributes)
         step_span = self._tracer.start_span(
             SPAN_NAMES["step"], context=_ROOT, kind=SpanKind.INTERNAL, attributes=attributes,
             links=self._links(record), start_time=step_start,
@@ -114,11 +114,11 @@ class TraceSink:
             stage = STAGES[index]
             stage_attributes: dict = {"spec_decode.method": method}
             if stage == "verify" and summary is not None:
-                stage_attributes.update(_accept_attributes(summary))
+                stage_attributes.update(accept_attributes)
                 stage_attributes["spec_decode.accepted_per_position"] = (
-                    summary.per_position(summary.accepted_hist).tolist())
+                    summary.per_position(summary.accepted_hist))
                 stage_attributes["spec_decode.draft_tokens_per_position"] = (
-                    summary.per_position(summary.draft_hist).tolist())
+                    summary.per_position(summary.draft_hist))
             span = self._tracer.start_span(
                 SPAN_NAMES[stage], context=parent, kind=SpanKind.INTERNAL,
                 attributes=stage_attributes, start_time=starts[index] + offset,
