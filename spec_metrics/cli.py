@@ -16,6 +16,12 @@ def _catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -28,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     catalog = commands.add_parser("catalog", help="print the metric catalog as a Markdown table")
     catalog.set_defaults(run=_catalog)
+    demo = commands.add_parser(
+        "demo", help="run the instrumented reference speculative decoder (needs torch)",
+        description="Run the torch reference speculative decoder, instrumented, serving "
+        "/metrics; prints a summary at the end and on Ctrl-C.")
+    from .demo.run import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(run=_demo)
     return parser
 
 

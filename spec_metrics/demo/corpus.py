@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -119,6 +120,12 @@ def _sources(modules: Sequence[str]) -> list[str]:
     return docs
 
 
+# Runs of one character longer than 3 (ReST underlines "-----", indentation,
+# "0000") are squeezed to 3: a tiny model trained on them happily decodes
+# "------..." forever under greedy decoding, which makes a dull demo.
+_LONG_RUN = re.compile(r"(.)\1{3,}", re.DOTALL)
+
+
 @lru_cache(maxsize=1)
 def load_documents() -> tuple[str, ...]:
     """All corpus documents, in a deterministic order."""
@@ -127,7 +134,7 @@ def load_documents() -> tuple[str, ...]:
         docs += _sources(CORPUS_MODULES)
     if not docs:
         raise RuntimeError("could not harvest any text from the stdlib")
-    return tuple(docs)
+    return tuple(_LONG_RUN.sub(r"\1\1\1", d.replace("\t", "    ")) for d in docs)
 
 
 @dataclass(frozen=True)

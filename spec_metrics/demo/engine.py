@@ -12,89 +12,36 @@ from __future__ import annotations
 import collections
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Deque, Optional, Sequence
 
 import torch
 
 from .corpus import Corpus, load_corpus
-from .drafters import BatchView, ModelDrafter, NgramDrafter, Proposal
-from .models import GPT, plain_greedy_generate
+from .drafters import BatchView, Proposal
+from .models import GPT, to_device
+from .records import EngineConfig, Request, SpecCounters
 from .sampling import Acceptor, greedy_accept, probs, rejection_accept
 
-__all__ = ["EngineConfig", "Engine", "Request", "SpecCounters", "generate",
-           "plain_greedy_generate", "ModelDrafter", "NgramDrafter"]
-
-
-@dataclass
-class EngineConfig:
-    batch_size: int = 8
-    k: int = 4
-    temperature: float = 0.0  # 0 = greedy acceptance, > 0 = rejection sampling
-    arrival_rate: Optional[float] = 50.0  # Poisson requests/s; None = keep batch full
-    num_requests: Optional[int] = None  # None = endless stream
-    prompt_len: tuple[int, int] = (16, 64)  # uniform, inclusive
-    max_new_tokens: tuple[int, int] = (32, 64)  # uniform per request, inclusive
-    stop_at_eos: bool = True
-    clock: str = "wall"  # "wall" or "virtual" (deterministic: virtual_step_s per step)
-    virtual_step_s: float = 0.02
-    seed: int = 0
-    keep_finished: int = 10_000  # finished requests kept for inspection
-
-
-@dataclass
-class Request:
-    id: str
-    prompt: list[int]
-    max_new_tokens: int
-    arrival_time: float
-    start_time: Optional[float] = None
-    finish_time: Optional[float] = None
-    finish_reason: Optional[str] = None  # "length" | "eos"
-    output: list[int] = field(default_factory=list)
-    context: list[int] = field(default_factory=list)  # prompt + emitted (untruncated)
-
-
-@dataclass
-class SpecCounters:
-    """Exact ground truth, counted on the host from the per-step sync."""
-
-    k: int
-    steps: int = 0
-    verified: int = 0  # request-steps that went through verification
-    drafts: int = 0  # request-steps with >= 1 draft token
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    emitted_tokens: int = 0  # accepted + 1 per verified request-step
-    output_tokens: int = 0  # emitted tokens kept after max_new_tokens / EOS cut
-    requests_arrived: int = 0
-    requests_started: int = 0
-    requests_finished: int = 0
-    accepted_per_pos: list[int] = field(default_factory=list)  # #req with accepted > p
-    draft_tokens_per_pos: list[int] = field(default_factory=list)  # #req with drafts > p
-
-    def __post_init__(self) -> None:
-        self.accepted_per_pos = self.accepted_per_pos or [0] * self.k
-        self.draft_tokens_per_pos = self.draft_tokens_per_pos or [0] * self.k
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    @property
-    def mean_emitted_per_verify(self) -> float:
-        return self.emitted_tokens / self.verified if self.verified else 0.0
-
-    def copy(self) -> "SpecCounters":
-        return SpecCounters(**{**self.__dict__,
-                               "accepted_per_pos": list(self.accepted_per_pos),
-                               "draft_tokens_per_pos": list(self.draft_tokens_per_pos)})
+__all__ = ["Engine", "EngineConfig", "Request", "SpecCounters"]
 
 
 class Engine:
-    def __init__(self, target: GPT, drafter: Any, config: EngineConfig = EngineConfig(),
+    """Continuous-batching speculative decoder over a Poisson (or closed-loop)
+    workload of corpus prompts.
+
+    ``drafter``: a ``ModelDrafter`` or ``NgramDrafter`` (drafters.py protocol).
+    ``hooks``: duck-typed stage hooks (begin_step/draft_*/verify_*/
+    draft_extend_*/end_step), or None.  ``acceptor``: replaces rejection
+    sampling for temperature > 0 (tests plug in a wrong rule); greedy
+    (temperature 0) always uses exact argmax matching.
+    """
+
+    def __init__(self, target: GPT, drafter: Any, config: Optional[EngineConfig] = None,
                  hooks: Any = None, corpus: Optional[Corpus] = None,
                  acceptor: Optional[Acceptor] = None, seq_cap: Optional[int] = None) -> None:
+        config = config or EngineConfig()
+        if config.k < 1 or config.batch_size < 1 or config.prompt_len[0] < 1:
+            raise ValueError("need k >= 1, batch_size >= 1 and prompts of >= 1 token")
         self.target, self.drafter, self.cfg, self.hooks = target, drafter, config, hooks
         self.corpus = corpus or load_corpus()
         self.eos_id = self.corpus.tokenizer.eos_id
@@ -119,6 +66,7 @@ class Engine:
         self._n_created = 0
         self._next_arrival = self._draw_gap() if config.arrival_rate else 0.0
         self._t0: Optional[float] = None
+        self._deadline: Optional[float] = None  # time.monotonic() bound set by run()
         self._vnow = 0.0
         self._spike_ms, self._spike_left = 0.0, None
 
@@ -187,7 +135,10 @@ class Engine:
         if self.cfg.clock == "virtual":
             self._vnow = max(self._vnow, self._next_arrival)
         else:
-            time.sleep(max(0.0, self._next_arrival - self.now()))
+            wait = self._next_arrival - self.now()
+            if self._deadline is not None:  # never sleep past run(seconds=...)
+                wait = min(wait, self._deadline - time.monotonic())
+            time.sleep(max(0.0, wait))
         return True
 
     # ------------------------------------------------------------ batching
@@ -204,27 +155,28 @@ class Engine:
             return
         # Prefill prompt[:-1]; prompt[-1] becomes the pending token.  Rows are
         # right-padded; padding lands past each row's length and is never read.
+        # One host->device copy: columns are [len, pending, context...].
         n_ctx = max(len(r.prompt) for r in new) - 1
-        toks = torch.zeros((len(new), max(n_ctx, 1)), dtype=torch.long)
+        host = torch.zeros((len(new), 2 + n_ctx), dtype=torch.long)
         for i, r in enumerate(new):
-            toks[i, :len(r.prompt) - 1] = torch.tensor(r.prompt[:-1], dtype=torch.long)
-        toks = toks.to(self.device)
-        row0 = len(self.rows)
+            host[i, :len(r.prompt) + 1] = torch.tensor([len(r.prompt) - 1] + r.prompt[-1:]
+                                                       + r.prompt[:-1], dtype=torch.long)
+        dev = to_device(host, self.device)
+        toks, row0 = dev[:, 2:], len(self.rows)
         if n_ctx > 0:
             with torch.no_grad():
                 zeros = torch.zeros(len(new), dtype=torch.long, device=self.device)
-                self.target(toks[:, :n_ctx], self.tcache, zeros, row0, n_ctx)
-        self.drafter.prefill(row0, toks[:, :n_ctx], n_ctx)
+                self.target(toks, self.tcache, zeros, row0, n_ctx)
+        self.drafter.prefill(row0, toks, n_ctx)
         self.rows += new
-        add_lens = torch.tensor([len(r.prompt) - 1 for r in new], dtype=torch.long)
-        add_pend = torch.tensor([r.prompt[-1] for r in new], dtype=torch.long)
-        self.lens = torch.cat([self.lens, add_lens.to(self.device)])
-        self.pending = torch.cat([self.pending, add_pend.to(self.device)])
+        self.lens = torch.cat([self.lens, dev[:, 0]])
+        self.pending = torch.cat([self.pending, dev[:, 1]])
         self.counters.requests_started += len(new)
 
     def _retire(self, done: list[int]) -> None:
-        keep = [i for i in range(len(self.rows)) if i not in set(done)]
-        keep_t = torch.tensor(keep, dtype=torch.long).to(self.device)
+        gone = set(done)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        keep_t = to_device(torch.tensor(keep, dtype=torch.long), self.device)
         self.tcache.compact(keep_t)
         self.drafter.compact(keep_t)
         self.lens, self.pending = self.lens[keep_t], self.pending[keep_t]
@@ -330,29 +282,16 @@ class Engine:
         given) until a finite workload is done.  Returns a counter snapshot."""
         if steps is None and seconds is None and self.cfg.num_requests is None:
             raise ValueError("endless workload: give steps= or seconds=")
-        deadline = None if seconds is None else time.monotonic() + seconds
+        self._deadline = None if seconds is None else time.monotonic() + seconds
         ran = 0
-        while steps is None or ran < steps:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            if self.step():
-                ran += 1
-            elif self.idle():
-                break
+        try:
+            while steps is None or ran < steps:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    break
+                if self.step():
+                    ran += 1
+                elif self.idle():
+                    break
+        finally:
+            self._deadline = None
         return self.counters.copy()
-
-
-def generate(target: GPT, drafter: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             k: int = 4, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-             acceptor: Optional[Acceptor] = None, hooks: Any = None
-             ) -> tuple[list[list[int]], SpecCounters]:
-    """Static batch: all prompts start together; returns outputs in prompt order."""
-    cfg = EngineConfig(batch_size=len(prompts), k=k, temperature=temperature,
-                       arrival_rate=None, num_requests=0, clock="virtual", seed=seed,
-                       prompt_len=(1, max(len(p) for p in prompts)),
-                       max_new_tokens=(1, max_new_tokens), stop_at_eos=stop_at_eos,
-                       keep_finished=len(prompts))
-    eng = Engine(target, drafter, cfg, hooks=hooks, acceptor=acceptor)
-    reqs = [eng.submit(p, max_new_tokens) for p in prompts]
-    counters = eng.run()
-    return [r.output for r in reqs], counters

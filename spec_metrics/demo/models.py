@@ -1,4 +1,4 @@
-"""Tiny GPT-style causal LM with a batched KV cache, quick training, caching.
+"""Tiny GPT-style causal LM with a batched KV cache, and the noisy drafter copy.
 
 Everything here is small on purpose: the demo must train in seconds on a
 laptop CPU and then step at tens of speculative steps per second.
@@ -7,25 +7,13 @@ laptop CPU and then step at tens of speculative steps per second.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import logging
 import math
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .corpus import Corpus, load_corpus
-
-log = logging.getLogger(__name__)
-
-CACHE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -40,17 +28,6 @@ class GPTConfig:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 360
-    batch_size: int = 8
-    block: int = 128  # training window; RoPE lets inference run a bit past it
-    lr: float = 3e-3
-    warmup: int = 20
-    weight_decay: float = 0.01
-    seed: int = 0
 
 
 class KVCache:
@@ -83,7 +60,8 @@ class KVCache:
         self.v[:, :n] = self.v[:, keep]
 
 
-def rope_tables(max_seq: int, d_head: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(max_seq: int, d_head: int,
+                base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (base ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head))
     angles = torch.arange(max_seq, dtype=torch.float64)[:, None] * inv_freq[None]
     return angles.cos().float(), angles.sin().float()  # [S, d_head/2] each
@@ -204,85 +182,6 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.tok_emb.weight.t()
 
 
-# ----------------------------------------------------------------- training
-
-def train_lm(cfg: GPTConfig, tcfg: TrainConfig, corpus: Optional[Corpus] = None,
-             verbose: bool = False) -> GPT:
-    """A few hundred AdamW steps of next-char prediction on the corpus."""
-    corpus = corpus or load_corpus()
-    assert cfg.vocab_size >= corpus.tokenizer.vocab_size
-    torch.manual_seed(tcfg.seed)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    model = GPT(cfg)
-    model.train()
-    data = torch.tensor(corpus.stream, dtype=torch.long)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.95))
-    block = min(tcfg.block, cfg.max_seq)
-    t0 = time.perf_counter()
-    for step in range(tcfg.steps):
-        lr_scale = min(1.0, (step + 1) / tcfg.warmup)
-        lr_scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / tcfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = tcfg.lr * lr_scale
-        starts = torch.randint(len(data) - block - 1, (tcfg.batch_size,), generator=gen)
-        idx = starts[:, None] + torch.arange(block + 1)
-        batch = data[idx]
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if verbose and (step % 50 == 0 or step == tcfg.steps - 1):
-            log.warning("train step %d loss %.3f (%.1fs)", step, loss.item(),
-                        time.perf_counter() - t0)
-    model.eval()
-    model.final_loss = float(loss.detach())  # type: ignore[attr-defined]
-    return model
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spec_metrics"
-
-
-def _cache_key(cfg: GPTConfig, tcfg: TrainConfig, corpus: Corpus) -> str:
-    blob = json.dumps({
-        "fmt": CACHE_FORMAT_VERSION, "model": asdict(cfg), "train": asdict(tcfg),
-        "torch_major": torch.__version__.split(".")[0], "corpus": corpus.digest,
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def load_or_train(cfg: GPTConfig = GPTConfig(), tcfg: TrainConfig = TrainConfig(),
-                  cache_dir: Optional[Path | str] = None, use_cache: bool = True,
-                  verbose: bool = False) -> GPT:
-    """Trained target model on CPU in eval mode; weights cached on disk."""
-    corpus = load_corpus()
-    path = Path(cache_dir or default_cache_dir()) / f"target-{_cache_key(cfg, tcfg, corpus)}.pt"
-    if use_cache and path.exists():
-        try:
-            model = GPT(cfg)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
-        except Exception as exc:  # corrupt/partial file: retrain and overwrite
-            log.warning("ignoring unreadable model cache %s: %s", path, exc)
-    model = train_lm(cfg, tcfg, corpus, verbose=verbose)
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)  # atomic: concurrent runs never see half a file
-        except OSError as exc:
-            log.warning("could not write model cache %s: %s", path, exc)
-    return model
-
-
 # ------------------------------------------------------------------ drafter
 
 @torch.no_grad()
@@ -297,15 +196,24 @@ def renoise_(draft: GPT, target: GPT, sigma: float, seed: int = 0) -> GPT:
     for (_, pd), (_, pt) in zip(draft.named_parameters(), target.named_parameters()):
         pd.copy_(pt)
         if sigma > 0 and pt.numel() > 1:
-            noise = torch.randn(pt.shape, generator=gen, dtype=torch.float32)
+            # Noise drawn on the CPU so a seed gives the same drafter on any device.
+            noise = torch.randn(pt.shape, generator=gen, dtype=torch.float32).to(pd.device)
             scale = pt.float().std().clamp_min(1e-3)  # LN gains after training can be ~const
-            pd.add_((sigma * scale * noise).to(pd.device, pd.dtype))
+            pd.add_((noise * (sigma * scale)).to(pd.dtype))
     return draft
 
 
 def make_draft_model(target: GPT, sigma: float, seed: int = 0) -> GPT:
-    draft = copy.deepcopy(target)
+    draft = copy.deepcopy(target).requires_grad_(False)
     return renoise_(draft, target, sigma, seed).eval()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host->device copy that does not block the host on CUDA (pinned + async);
+    PyTorch's pinned-memory cache keeps the source alive until the copy ran."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()

@@ -1,0 +1,71 @@
+"""Plain records shared by the engine and its users (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 8
+    k: int = 4
+    temperature: float = 0.0  # 0 = greedy acceptance, > 0 = rejection sampling
+    arrival_rate: Optional[float] = 50.0  # Poisson requests/s; None = keep batch full
+    num_requests: Optional[int] = None  # None = endless stream
+    prompt_len: tuple[int, int] = (16, 64)  # uniform, inclusive
+    max_new_tokens: tuple[int, int] = (32, 64)  # uniform per request, inclusive
+    stop_at_eos: bool = True
+    clock: str = "wall"  # "wall" or "virtual" (deterministic: virtual_step_s per step)
+    virtual_step_s: float = 0.02
+    seed: int = 0
+    keep_finished: int = 10_000  # finished requests kept for inspection
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    max_new_tokens: int
+    arrival_time: float
+    start_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None  # "length" | "eos"
+    output: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)  # prompt + emitted (untruncated)
+
+
+@dataclass
+class SpecCounters:
+    """Exact ground truth, counted on the host from the per-step sync."""
+
+    k: int
+    steps: int = 0
+    verified: int = 0  # request-steps that went through verification
+    drafts: int = 0  # request-steps with >= 1 draft token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0  # accepted + 1 per verified request-step
+    output_tokens: int = 0  # emitted tokens kept after max_new_tokens / EOS cut
+    requests_arrived: int = 0
+    requests_started: int = 0
+    requests_finished: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # #req with accepted > p
+    draft_tokens_per_pos: list[int] = field(default_factory=list)  # #req with drafts > p
+
+    def __post_init__(self) -> None:
+        self.accepted_per_pos = self.accepted_per_pos or [0] * self.k
+        self.draft_tokens_per_pos = self.draft_tokens_per_pos or [0] * self.k
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_emitted_per_verify(self) -> float:
+        return self.emitted_tokens / self.verified if self.verified else 0.0
+
+    def copy(self) -> "SpecCounters":
+        return SpecCounters(**{**self.__dict__,
+                               "accepted_per_pos": list(self.accepted_per_pos),
+                               "draft_tokens_per_pos": list(self.draft_tokens_per_pos)})

@@ -1,0 +1,173 @@
+"""`spec-metrics demo`: the reference engine, instrumented, with /metrics and traces.
+
+Runs the torch reference speculative decoder with continuous batching for `--duration`
+seconds, serves /metrics the whole time, writes spans where asked, can make the drafter
+collapse or the verify stage spike on a schedule, and prints a summary at the end (and on
+Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+DEFAULT_SPIKE_MS = 300.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..server import DEFAULT_HOST, DEFAULT_PORT
+
+    parser.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to run (default 30)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address /metrics listens on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"/metrics port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--method", choices=("draft_model", "ngram"), default="draft_model",
+                        help="drafter: a noisy copy of the target, or n-gram prompt lookup")
+    parser.add_argument("--batch-size", type=int, default=8, help="running requests (default 8)")
+    parser.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                        help="draft tokens per request per step (default 4)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                        help="where the models run (default: cuda if available)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy acceptance; > 0: rejection sampling (default 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-ratio", type=float, default=0.01,
+                        help="fraction of ordinary steps traced; outliers always are")
+    parser.add_argument("--arrival-rate", type=float, default=50.0,
+                        help="Poisson request arrivals per second (default 50)")
+    parser.add_argument("--traces-file", metavar="PATH",
+                        help="write spans as OTLP JSON lines to PATH")
+    parser.add_argument("--otlp-endpoint", metavar="URL",
+                        help="send spans over OTLP/HTTP, e.g. http://127.0.0.1:4318")
+    parser.add_argument("--collapse-at", type=float, metavar="SECONDS",
+                        help="from then on the drafter no longer matches the target")
+    parser.add_argument("--spike-every", type=float, metavar="SECONDS",
+                        help="inject a slow verify stage this often")
+    parser.add_argument("--spike-ms", type=float, default=DEFAULT_SPIKE_MS,
+                        help=f"how slow an injected spike is (default {DEFAULT_SPIKE_MS:g} ms)")
+    parser.add_argument("--quiet", action="store_true", help="no status line, summary only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from opentelemetry import trace
+
+    from .. import SpecDecodeHooks, start_http_server
+    from ..telemetry import make_tracer_provider
+    from .summary import DemoSummary
+
+    _check(args)
+    import torch
+
+    from .factory import build_engine
+    from .records import EngineConfig
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    torch.manual_seed(args.seed)
+
+    provider = make_tracer_provider("spec-metrics-demo", args.traces_file, args.otlp_endpoint)
+    trace.set_tracer_provider(provider)  # the CLI owns the process; the library never does
+    summary = DemoSummary()
+    hooks = SpecDecodeHooks(
+        args.method,
+        labels={"model": "tiny-gpt", "engine": "spec_metrics-demo"},
+        trace_ratio=args.sample_ratio,
+        max_draft_tokens=max(8, args.draft_tokens),
+        timer="cuda" if device == "cuda" else "cpu",
+        on_step=summary.observe,
+    )
+    server = start_http_server(port=args.port, host=args.host)
+    say = _printer(args.quiet)
+    say(f"serving {server.url} (OpenMetrics with exemplars when asked); device {device}")
+    config = EngineConfig(batch_size=args.batch_size, k=args.draft_tokens,
+                          temperature=args.temperature, arrival_rate=args.arrival_rate,
+                          seed=args.seed)
+    say("loading the models (the first run trains them, ~20 s, then caches them)")
+    engine = build_engine("model" if args.method == "draft_model" else "ngram",
+                          device=device, hooks=hooks, config=config, seed=args.seed,
+                          num_threads=1 if device == "cpu" else None)
+    if device == "cuda":
+        hooks.warm_up_device(args.batch_size)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop cleanly like Ctrl-C
+    started = time.monotonic()
+    try:
+        _loop(engine, args, summary, started)
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        elapsed = time.monotonic() - started
+        hooks.flush()
+        provider.shutdown()  # every span is in the traces file before we exit
+        server.close()
+    print(summary.render(engine.counters, elapsed, args.draft_tokens), flush=True)
+    return 0
+
+
+def _loop(engine: Any, args: argparse.Namespace, summary: Any, started: float) -> None:
+    live = sys.stderr.isatty() and not args.quiet
+    collapsed = False
+    next_spike = args.spike_every
+    next_status = 0.5
+    while True:
+        elapsed = time.monotonic() - started
+        if elapsed >= args.duration:
+            break
+        if args.collapse_at is not None and not collapsed and elapsed >= args.collapse_at:
+            engine.collapse()
+            collapsed = True
+            if not args.quiet:
+                sys.stderr.write(f"\n[{elapsed:.1f}s] drafter collapsed\n")
+        if next_spike is not None and elapsed >= next_spike:
+            engine.set_spike(args.spike_ms, steps=1)
+            next_spike += args.spike_every
+        if not engine.step() and engine.idle():
+            break
+        if live and elapsed >= next_status:
+            sys.stderr.write("\r" + summary.status_line(elapsed, engine.counters) + "  ")
+            sys.stderr.flush()
+            next_status = elapsed + 0.5
+    if live:
+        sys.stderr.write("\n")
+
+
+def _check(args: argparse.Namespace) -> None:
+    problems = []
+    if args.duration <= 0:
+        problems.append("--duration must be > 0")
+    if args.batch_size < 1:
+        problems.append("--batch-size must be >= 1")
+    if not 1 <= args.draft_tokens <= 16:
+        problems.append("--draft-tokens must be within 1..16")
+    if args.temperature < 0:
+        problems.append("--temperature must be >= 0")
+    if not 0 <= args.sample_ratio <= 1:
+        problems.append("--sample-ratio must be within [0, 1]")
+    if args.spike_every is not None and args.spike_every <= 0:
+        problems.append("--spike-every must be > 0")
+    if args.arrival_rate <= 0:
+        problems.append("--arrival-rate must be > 0")
+    if problems:
+        raise SystemExit("spec-metrics demo: " + "; ".join(problems))
+
+
+def _printer(quiet: bool) -> Any:
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+    return say
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

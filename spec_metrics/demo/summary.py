@@ -1,0 +1,83 @@
+"""What the demo prints: a live status line and the end-of-run summary.
+
+Fed by the hooks' `on_step` listener, so the figures are the ones the metrics saw; the
+engine's own counters supply the token totals.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import numpy as np
+
+from ..catalog import STAGES
+from ..sinks import StepResult
+
+__all__ = ["DemoSummary"]
+
+_SLOWEST = 5
+
+
+class DemoSummary:
+    def __init__(self) -> None:
+        self.stage_seconds: list[list[float]] = [[] for _ in STAGES]
+        self.step_seconds: list[float] = []
+        self.traced = 0
+        self._slowest: list[tuple[float, int, str | None]] = []  # min-heap of the top steps
+        self._window = [0, 0]  # accepted, drafted since the last status line
+
+    def observe(self, result: StepResult) -> None:
+        """The hooks' on_step listener."""
+        for index, seconds in enumerate(result.stage_seconds):
+            if seconds is not None:
+                self.stage_seconds[index].append(seconds)
+        if result.step_seconds is not None:
+            self.step_seconds.append(result.step_seconds)
+            entry = (result.step_seconds, result.index, result.trace_id)
+            if len(self._slowest) < _SLOWEST:
+                heapq.heappush(self._slowest, entry)
+            elif entry > self._slowest[0]:
+                heapq.heapreplace(self._slowest, entry)
+        if result.trace_id is not None:
+            self.traced += 1
+        self._window[0] += result.accepted_tokens
+        self._window[1] += result.draft_tokens
+
+    def status_line(self, elapsed: float, counters: Any) -> str:
+        """One line for a terminal; acceptance over the steps since the last line."""
+        accepted, drafted = self._window
+        self._window = [0, 0]
+        recent = f"{accepted / drafted:.2f}" if drafted else "  - "
+        tokens_per_s = counters.emitted_tokens / elapsed if elapsed > 0 else 0.0
+        return (f"{elapsed:6.1f}s  steps {counters.steps:6d}  {tokens_per_s:8.1f} tok/s  "
+                f"acceptance {recent} (now)  {counters.acceptance_rate:.2f} (run)")
+
+    def render(self, counters: Any, elapsed: float, k: int) -> str:
+        lines = ["", "spec-metrics demo summary", "-" * 25]
+        tokens_per_s = counters.emitted_tokens / elapsed if elapsed > 0 else 0.0
+        mean_length = (1 + counters.accepted_tokens / counters.drafts) if counters.drafts else 1.0
+        lines += [
+            f"steps                 {counters.steps}  ({elapsed:.1f} s)",
+            f"tokens/s              {tokens_per_s:.1f} emitted "
+            f"({counters.emitted_tokens} tokens, {counters.requests_finished} requests finished)",
+            f"acceptance rate       {counters.acceptance_rate:.3f} "
+            f"({counters.accepted_tokens} of {counters.draft_tokens} draft tokens)",
+            f"mean accepted length  {mean_length:.2f} tokens per verify (bonus included)",
+        ]
+        by_position = [
+            f"{p}: {a / d:.2f}" if d else f"{p}: -"
+            for p, (a, d) in enumerate(zip(counters.accepted_per_pos[:k],
+                                           counters.draft_tokens_per_pos[:k]))
+        ]
+        lines.append("acceptance by position " + "  ".join(by_position))
+        for stage, values in zip((*STAGES, "step"), (*self.stage_seconds, self.step_seconds)):
+            if values:
+                p50, p99 = np.percentile(np.asarray(values), [50, 99]) * 1e3
+                lines.append(f"{stage + ' latency':<22}p50 {p50:8.3f} ms   p99 {p99:8.3f} ms")
+        lines.append(f"steps traced          {self.traced}")
+        lines.append("slowest steps:")
+        for seconds, index, trace_id in sorted(self._slowest, reverse=True):
+            where = f"trace_id {trace_id}" if trace_id else "not traced"
+            lines.append(f"  step {index:6d}  {seconds * 1e3:9.3f} ms  {where}")
+        return "\n".join(lines)
