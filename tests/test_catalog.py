@@ -78,3 +78,14 @@ def test_readme_documents_every_environment_variable():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for option, (variable, _) in ENV_VARS.items():
         assert f"`{variable}`" in readme and f"`{option}`" in readme
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme_commands = [line for line in (root / "README.md").read_text().splitlines()
+                       if line.startswith("python3 -m venv .venv")]
+    assert len(readme_commands) == 2  # the demo, then the tests
+    assert "spec-metrics demo" in readme_commands[0]
+    assert readme_commands[1] in (root / ".ci" / "run").read_text().splitlines()
