@@ -156,3 +156,34 @@ def test_demo_help_lists_every_flag():
                    "--draft-tokens", "--device", "--temperature", "--seed", "--sample-ratio",
                    "--traces-file", "--otlp-endpoint", "--collapse-at", "--spike-every"]:
         assert option in result.stdout
+
+
+def test_demo_sends_spans_to_an_otlp_endpoint(target):
+    # A real OTLP/HTTP receiver on loopback (oteltap), the way a Collector would take them.
+    import asyncio
+
+    from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
+
+    port = _free_port()
+
+    async def scenario() -> tuple[int, str, list]:
+        settings = OtelTapHttpProtobufReceiverSettings(http_port=port)
+        async with OtelTapHttpProtobufReceiver(settings) as receiver:
+            waiting = asyncio.ensure_future(receiver.await_trace(
+                lambda span: span.name == "spec_decode.verify", timeout=60))
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "spec_metrics", "demo", "--port", str(_free_port()),
+                "--device", "cpu", "--quiet", "--duration", "3", "--sample-ratio", "1",
+                "--otlp-endpoint", f"http://127.0.0.1:{port}",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, stderr = await process.communicate()
+            span = await waiting
+            return process.returncode, stderr.decode(), [span]
+
+    returncode, stderr, spans = asyncio.run(scenario())
+    assert returncode == 0, stderr
+    verify = spans[0]
+    attributes = {a.key: a.value for a in verify.attributes}
+    assert attributes["spec_decode.method"].string_value == "draft_model"
+    assert attributes["spec_decode.draft_tokens"].int_value > 0
+    assert len(verify.trace_id) == 16 and len(verify.parent_span_id) == 8
