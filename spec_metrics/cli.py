@@ -22,6 +22,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _dashboards(args: argparse.Namespace) -> int:
+    from .dashboards import write_dashboards
+
+    from .dashboards import DEFAULT_CONST_LABELS
+
+    labels = tuple(args.const_label) if args.const_label else DEFAULT_CONST_LABELS
+    for path in write_dashboards(args.out, const_labels=labels):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -34,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     catalog = commands.add_parser("catalog", help="print the metric catalog as a Markdown table")
     catalog.set_defaults(run=_catalog)
+    dashboards = commands.add_parser(
+        "dashboards", help="write the Grafana dashboard JSON generated from the catalog",
+        description="Write the Grafana dashboard (grafana-foundation-sdk, from the metric "
+        "catalog). Needs: pip install 'spec_metrics[dashboards]'.")
+    dashboards.add_argument("--out", default="dashboards", help="directory (default: dashboards)")
+    dashboards.add_argument("--const-label", action="append", default=None, metavar="NAME",
+                            help="a constant label to filter by (repeat; default: model, engine)")
+    dashboards.set_defaults(run=_dashboards)
     demo = commands.add_parser(
         "demo", help="run the instrumented reference speculative decoder (needs torch)",
         description="Run the torch reference speculative decoder, instrumented, serving "
