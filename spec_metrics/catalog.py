@@ -92,7 +92,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "spec_decode_accepted_length", "histogram",
-        "Draft tokens accepted per request per verify pass (the bonus token not included).",
+        "Draft tokens accepted per draft (a request with draft tokens in a verify pass), "
+        "the bonus token not included.",
         "", ("method",), buckets="accepted_length",
     ),
     MetricSpec(

@@ -23,9 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _dashboards(args: argparse.Namespace) -> int:
-    from .dashboards import write_dashboards
-
-    from .dashboards import DEFAULT_CONST_LABELS
+    from .dashboards import DEFAULT_CONST_LABELS, write_dashboards
 
     labels = tuple(args.const_label) if args.const_label else DEFAULT_CONST_LABELS
     for path in write_dashboards(args.out, const_labels=labels):

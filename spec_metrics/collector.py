@@ -9,6 +9,7 @@ exemplars, or classic text) stay prometheus_client's.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from itertools import accumulate
 from typing import Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from .catalog import (
     MetricSpec,
 )
 from .drops import DropCounter
-from .exemplars import ExemplarSlots
+from .exemplars import ExemplarSlots, RenderLog
 from .inputs import AcceptSummary
 
 __all__ = ["SpecDecodeCollector", "StepExemplars"]
@@ -63,11 +64,11 @@ class _Histogram:
 
     __slots__ = ("bounds", "counts", "sum", "exemplars")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    def __init__(self, bounds: tuple[float, ...], hold: float) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # last slot: above the highest bound (+Inf)
         self.sum = 0.0
-        self.exemplars = ExemplarSlots(len(bounds) + 1)
+        self.exemplars = ExemplarSlots(len(bounds) + 1, hold)
 
     def observe(self, value: float) -> int:
         index = bisect_left(self.bounds, value)  # first bound >= value: the "le" bucket
@@ -83,13 +84,13 @@ class _Series:
                  "counter_exemplars")
 
     def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
-                 max_k: int) -> None:
-        self.stages = [_Histogram(stage_bounds) for _ in STAGES]
-        self.step = _Histogram(step_bounds)
+                 max_k: int, hold: float) -> None:
+        self.stages = [_Histogram(stage_bounds, hold) for _ in STAGES]
+        self.step = _Histogram(step_bounds, hold)
         self.accepted_hist = np.zeros(max_k + 1, dtype=np.int64)
         self.draft_hist = np.zeros(max_k + 1, dtype=np.int64)
-        self.accepted_exemplars = ExemplarSlots(max_k + 2)
-        self.counter_exemplars = ExemplarSlots(len(_COUNTERS_WITH_EXEMPLARS))
+        self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
+        self.counter_exemplars = ExemplarSlots(len(_COUNTERS_WITH_EXEMPLARS), hold)
 
 
 class SpecDecodeCollector(Collector):
@@ -107,6 +108,7 @@ class SpecDecodeCollector(Collector):
         stage_buckets: Sequence[float] = DEFAULT_STAGE_BUCKETS,
         step_buckets: Sequence[float] = DEFAULT_STEP_BUCKETS,
         drops: DropCounter | None = None,
+        exemplar_hold_seconds: float = 60.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.const_labels = dict(labels or {})
@@ -116,6 +118,8 @@ class SpecDecodeCollector(Collector):
         self.drops = drops or DropCounter()
         self._series: dict[str, _Series] = {}
         self._lock = threading.Lock()
+        self._hold = exemplar_hold_seconds
+        self._render_log = RenderLog(self._lock)
         self._label_names = tuple(self.const_labels)
         self._label_values = tuple(self.const_labels.values())
         if registry is not None:
@@ -126,7 +130,8 @@ class SpecDecodeCollector(Collector):
         if series is None:
             with self._lock:
                 series = self._series.setdefault(
-                    method, _Series(self.stage_buckets, self.step_buckets, self.max_draft_tokens)
+                    method, _Series(self.stage_buckets, self.step_buckets, self.max_draft_tokens,
+                                    self._hold)
                 )
         return series
 
@@ -140,6 +145,7 @@ class SpecDecodeCollector(Collector):
     ) -> None:
         """Add one finished step. Called by the hooks, once per step."""
         series = self.series_for(method)
+        now = time.monotonic() if exemplars is not None else 0.0
         with self._lock:
             for stage_index, seconds in enumerate(stage_seconds):
                 if seconds is None:
@@ -150,33 +156,33 @@ class SpecDecodeCollector(Collector):
                     span_id = exemplars.stage_span_ids[stage_index]
                     if span_id is not None:
                         histogram.exemplars.offer(
-                            bucket, exemplars.exemplar(span_id, seconds), exemplars.priority
+                            bucket, exemplars.exemplar(span_id, seconds), exemplars.priority, now
                         )
             if step_seconds is not None:
                 bucket = series.step.observe(step_seconds)
                 if exemplars is not None:
                     series.step.exemplars.offer(
                         bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
-                        exemplars.priority,
+                        exemplars.priority, now,
                     )
             if summary is not None:
                 series.accepted_hist += summary.accepted_hist
                 series.draft_hist += summary.draft_hist
                 if exemplars is not None:
-                    self._offer_accept_exemplars(series, summary, exemplars)
+                    self._offer_accept_exemplars(series, summary, exemplars, now)
 
     @staticmethod
     def _offer_accept_exemplars(series: _Series, summary: AcceptSummary,
-                                exemplars: StepExemplars) -> None:
+                                exemplars: StepExemplars, now: float) -> None:
         verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
         for length in np.flatnonzero(summary.accepted_hist).tolist():
             series.accepted_exemplars.offer(
-                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority
+                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority, now
             )
         increments = (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted)
         for index, value in enumerate(increments):
             series.counter_exemplars.offer(
-                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority
+                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority, now
             )
 
     # ---- exposition ------------------------------------------------------------------
@@ -194,20 +200,22 @@ class SpecDecodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families = {spec.name: self._family(spec) for spec in METRICS}
         const = self._label_values
+        shown: list = []
         with self._lock:
             snapshot = [
                 (
                     method,
-                    [(list(h.counts), h.sum, _take_all(h.exemplars))
+                    [(list(h.counts), h.sum, _peek_all(h.exemplars, shown))
                      for h in (*series.stages, series.step)],
                     series.accepted_hist.copy(),
                     series.draft_hist.copy(),
-                    _take_all(series.accepted_exemplars),
-                    _take_all(series.counter_exemplars),
+                    _peek_all(series.accepted_exemplars, shown),
+                    _peek_all(series.counter_exemplars, shown),
                 )
                 for method, series in self._series.items()
             ]
             drops = dict(self.drops.counts)
+        self._render_log.record(shown)
         stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]
         step_les = [floatToGoString(b) for b in self.step_buckets] + ["+Inf"]
         k = self.max_draft_tokens
@@ -244,8 +252,10 @@ class SpecDecodeCollector(Collector):
         yield from families.values()
 
 
-def _take_all(slots: ExemplarSlots) -> list[Exemplar | None]:
-    return [slots.take(i) for i in range(len(slots))]
+def _peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:
+    exemplars = [slots.peek(i) for i in range(len(slots))]
+    shown.extend((slots, i, e) for i, e in enumerate(exemplars) if e is not None)
+    return exemplars
 
 
 def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:

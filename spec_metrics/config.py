@@ -72,7 +72,8 @@ class HooksConfig:
     slow_step_seconds: float | None = None
     slow_stage_seconds: float | Mapping[str, float] | None = None
     # Running quantile above which a step or stage counts as an outlier; None turns it off.
-    outlier_quantile: float | None = 0.99
+    # Checked on 4 series (3 stages and the step), so about 4 x (1 - q) of steps qualify.
+    outlier_quantile: float | None = 0.999
     outlier_min_samples: int = 200
     max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
     stage_buckets: tuple[float, ...] = DEFAULT_STAGE_BUCKETS
@@ -84,10 +85,17 @@ class HooksConfig:
     # read once completed, for stages whose work runs on the GPU.
     timer: str = "cpu"
     warn_interval_seconds: float = 60.0
+    # Most steps traced per second, whatever the reason: a burst of outliers must not
+    # overflow the span processor's queue (its default holds 2048 spans = 512 steps), since
+    # an exemplar must point at a span that is really exported.
+    max_traced_steps_per_second: float = 100.0
+    # An exemplar is kept until an OpenMetrics scrape has shown it, or for this long.
+    exemplar_hold_seconds: float = 60.0
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "HooksConfig":
-        """Defaults, then `SPEC_METRICS_*` variables, then explicit options (None = not given)."""
+        """Defaults, then `SPEC_METRICS_*` variables, then explicit options. An explicit None
+        is a value (it turns an optional check off), except for `labels` (no labels)."""
         environ = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
@@ -99,7 +107,9 @@ class HooksConfig:
         for name, (var, kind) in ENV_VARS.items():
             if var in environ:
                 values[name] = _parse_env(var, environ[var], kind)
-        values.update({k: v for k, v in options.items() if v is not None})
+        if options.get("labels", ()) is None:
+            options["labels"] = {}
+        values.update(options)
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -150,6 +160,11 @@ class HooksConfig:
         _check(self.timer in ("cpu", "cuda"), f"timer must be 'cpu' or 'cuda', got {self.timer!r}")
         _check(self.max_pending_steps >= 1,
                f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
+        _check(self.max_traced_steps_per_second > 0,
+               "max_traced_steps_per_second must be > 0, "
+               f"got {self.max_traced_steps_per_second!r}")
+        _check(self.exemplar_hold_seconds >= 0,
+               f"exemplar_hold_seconds must be >= 0, got {self.exemplar_hold_seconds!r}")
         _check(self.warn_interval_seconds >= 0,
                f"warn_interval_seconds must be >= 0, got {self.warn_interval_seconds!r}")
 

@@ -31,6 +31,7 @@ from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_toke
 from .record import StepRecord
 from .scopes import StageScope, StepScope, VerifyScope
 from .sinks import StepResult, StepSinks
+from .traceparent import any_sampled
 from .tracing import TraceSink
 
 __all__ = ["SpecDecodeHooks"]
@@ -74,20 +75,25 @@ class SpecDecodeHooks:
         self._method = config.method
         self._max_k = config.max_draft_tokens
         if collector is None:
-            collector = SpecDecodeCollector(
-                config.labels, max_draft_tokens=config.max_draft_tokens,
-                stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
-                drops=DropCounter(config.warn_interval_seconds),
-                registry=registry if (self._on and config.metrics) else None,
-            )
-            self._registered_in = registry if (self._on and config.metrics) else None
+            target = registry if (self._on and config.metrics) else None
+            try:
+                collector = SpecDecodeCollector(
+                    config.labels, max_draft_tokens=config.max_draft_tokens,
+                    stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
+                    drops=DropCounter(config.warn_interval_seconds),
+                    exemplar_hold_seconds=config.exemplar_hold_seconds, registry=target,
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    "spec_metrics: this registry already holds spec_metrics' metrics (another "
+                    "SpecDecodeHooks registered them). Share that collector with "
+                    "SpecDecodeHooks(..., collector=first.collector), or pass registry=None "
+                    f"or a separate CollectorRegistry ({exc})"
+                ) from exc
+            self._registered_in = target
         else:
             self._registered_in = None
-            if collector.max_draft_tokens != config.max_draft_tokens:
-                raise ValueError(
-                    f"spec_metrics: max_draft_tokens={config.max_draft_tokens} differs from the "
-                    f"shared collector's {collector.max_draft_tokens}; pass the same value"
-                )
+            _check_shared(collector, config, options, labels)
         self.collector = collector
         self._drops = collector.drops
         self._tracer = (
@@ -113,11 +119,13 @@ class SpecDecodeHooks:
     def begin_step(self, request_ids: Sequence[Any] | None = None,
                    traceparents: Sequence[str | None] | None = None,
                    batch_size: int | None = None, method: str | None = None) -> None:
-        """Open a step (optional: the first stage start opens one). Ids and contexts are
-        kept by reference and only read if the step is traced."""
+        """Open a step (optional: the first stage start opens one). `request_ids` and
+        `traceparents` are copied (at C speed) and only parsed if the step is traced."""
         if not self._on:
             return
         try:
+            if self._open >= 0:
+                self._discard_open("begin_step")
             if self._record is not None:
                 self._reject("begin_step", "out_of_order",
                              "begin_step() called before end_step() closed the previous step; "
@@ -136,9 +144,17 @@ class SpecDecodeHooks:
                 self._reject("begin_step", "wrong_type", f"method must be a non-empty string, "
                                                           f"got {method!r}")
                 method = None
-            self._record = self._new_record(method or self._method,
-                                            sizes.pop() if sizes else None, request_ids,
-                                            traceparents)
+            # Copied now: the engine may reuse its lists, and a step whose device results
+            # are pending is read one or more steps later.
+            if request_ids is not None:
+                request_ids = tuple(request_ids)
+            sampled = False
+            if traceparents is not None:
+                traceparents = tuple(traceparents)
+                sampled = any_sampled(traceparents)
+            record = self._new_record(method or self._method, sizes.pop() if sizes else None,
+                                      request_ids, traceparents)
+            record.request_sampled = sampled
         except StrictModeError:
             raise
         except Exception:
@@ -184,12 +200,18 @@ class SpecDecodeHooks:
         if not self._end(_VERIFY, "verify_end") or accepted is None:
             return
         record = self._record
+        counts = None
         try:
-            counts = to_counts(accepted, "accepted", record.batch_size, self._pinned)
             if draft_tokens is None:
                 raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
                                                   "pass K, or the draft tokens of each request")
-            drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
+            counts = to_counts(accepted, "accepted", record.batch_size, self._pinned)
+            try:
+                drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
+            except BaseException:
+                if isinstance(counts, DeviceArray):
+                    counts.discard()  # its pinned buffer goes back to the pool
+                raise
             if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
                 record.accepted, record.draft_tokens = counts, drafts
             else:
@@ -246,6 +268,19 @@ class SpecDecodeHooks:
         self._pinned.reserve(max_batch_size, (torch.int64, torch.int32), buffers)
         if self._gpu is not None:
             self._gpu.reserve(2 * len(STAGES) * buffers)
+
+    def poll(self) -> None:
+        """Hand finished steps whose device results have landed to the sinks; never waits.
+        Steps normally reach the metrics at a later end_step(): call this when the engine
+        goes idle so the last steps of a burst are not held back."""
+        if not self._on:
+            return
+        try:
+            self._drain()
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("poll")
 
     def flush(self, timeout_millis: int = 30_000) -> None:
         """Wait for device results of finished steps, hand them to the sinks and flush the
@@ -341,7 +376,7 @@ class SpecDecodeHooks:
             return
         if record.pending():
             if len(self._pending) >= self.config.max_pending_steps:
-                self._pending.popleft()
+                _discard_device_data(self._pending.popleft())
                 self._reject("end_step", "pending_overflow",
                              f"more than {self.config.max_pending_steps} steps wait for device "
                              "results; the oldest was dropped (is the device stream stalled?)")
@@ -350,6 +385,9 @@ class SpecDecodeHooks:
             self._pending.append(record)  # keep steps in order behind older pending ones
         else:
             self._sinks.consume(record)
+        self._drain()
+
+    def _drain(self) -> None:
         while self._pending and not self._pending[0].pending():
             self._sinks.consume(self._pending.popleft())
 
@@ -359,6 +397,31 @@ class SpecDecodeHooks:
     def _internal_error(self, hook: str) -> None:
         self._drops.counts["internal_error"] += 1
         logger.exception("spec_metrics.%s: internal error, step data dropped (please report)", hook)
+
+
+def _check_shared(collector: SpecDecodeCollector, config: HooksConfig, options: dict,
+                  labels: Mapping[str, str] | None) -> None:
+    """A shared collector fixes labels and buckets: refuse settings it would ignore."""
+    mismatches = []
+    if collector.max_draft_tokens != config.max_draft_tokens:
+        mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
+                          f"(collector: {collector.max_draft_tokens})")
+    if labels and dict(config.labels) != collector.const_labels:
+        mismatches.append(f"labels={dict(config.labels)} (collector: {collector.const_labels})")
+    for name in ("stage_buckets", "step_buckets"):
+        if name in options and getattr(config, name) != getattr(collector, name):
+            mismatches.append(f"{name}={getattr(config, name)} "
+                              f"(collector: {getattr(collector, name)})")
+    if mismatches:
+        raise ValueError("spec_metrics: a shared collector keeps its own settings; these "
+                         "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
+                         "give this engine its own collector and registry.")
+
+
+def _discard_device_data(record: StepRecord) -> None:
+    for value in (record.accepted, record.draft_tokens):
+        if isinstance(value, DeviceArray):
+            value.discard()
 
 
 def _length(value: Any) -> int:

@@ -34,8 +34,11 @@ class PinnedPool:
 
     def __init__(self) -> None:
         self._free: dict[Any, list[Any]] = {}
+        self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
 
     def take(self, length: int, dtype: Any) -> Any:
+        if self._cooling:
+            self._reclaim()
         free = self._free.setdefault(dtype, [])
         for index, buffer in enumerate(free):
             if buffer.shape[0] >= length:
@@ -45,8 +48,21 @@ class PinnedPool:
         capacity = 1 << max(8, (length - 1).bit_length())  # powers of two, at least 256
         return torch.empty(capacity, dtype=dtype, pin_memory=True)
 
-    def give(self, buffer: Any) -> None:
+    def give(self, buffer: Any, event: Any = None) -> None:
+        """Return a buffer; with `event`, only once the copy into it has completed."""
+        if event is not None and not event.query():
+            self._cooling.append((buffer, event))
+            return
         self._free.setdefault(buffer.dtype, []).append(buffer)
+
+    def _reclaim(self) -> None:
+        still = []
+        for buffer, event in self._cooling:
+            if event.query():
+                self._free.setdefault(buffer.dtype, []).append(buffer)
+            else:
+                still.append((buffer, event))
+        self._cooling = still
 
     def reserve(self, length: int, dtypes: tuple[Any, ...], count: int) -> None:
         for dtype in dtypes:
@@ -84,6 +100,10 @@ class DeviceArray:
         """Block until the copy is done; only for flush() at shutdown, never in a hook."""
         self._event.synchronize()
 
+    def discard(self) -> None:
+        """Give the buffer back unread (the step was dropped)."""
+        self._pool.give(self._buffer, self._event)
+
     def result(self) -> np.ndarray:
         """The checked host array; the pinned buffer goes back to the pool."""
         array = np.array(self._host.numpy())  # a copy: the buffer is reused
@@ -109,7 +129,7 @@ def to_counts(value: Any, what: str, batch_size: int | None,
         if device not in ("cpu", "cuda"):
             raise InputRejected("wrong_type", f"{what} is on device {value.device}; "
                                                "pass a CPU or CUDA tensor")
-        if value.dtype == _torch_bool() or value.dtype.is_complex:
+        if str(value.dtype) not in _TORCH_DTYPES:
             raise InputRejected("wrong_type", f"{what} has dtype {value.dtype}; "
                                                "pass integer counts")
         if device != "cpu":
@@ -136,8 +156,10 @@ def to_counts(value: Any, what: str, batch_size: int | None,
     return _check_array(array, what)
 
 
-def _torch_bool() -> Any:
-    return sys.modules["torch"].bool
+# Tensor dtypes that numpy can hold and that can be counts (bool, complex, bfloat16 and
+# float8 cannot).
+_TORCH_DTYPES = frozenset(f"torch.{name}" for name in (
+    "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64"))
 
 
 def _check_length(length: int, what: str, batch_size: int | None) -> None:
@@ -219,6 +241,10 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
                 raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted "
                                     f"{int(accepted[i])} of {int(draft_tokens[i])} draft tokens")
         draft_hist = np.bincount(draft_tokens, minlength=size)
+        if draft_hist[0]:
+            # Like vLLM, accepted length is counted over requests that had drafts only.
+            accepted = accepted[draft_tokens > 0]
+            n = accepted.shape[0]
     else:
         k = draft_tokens
         if k < 0:
@@ -232,6 +258,8 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
                                 f"{k} draft tokens")
         draft_hist = np.zeros(size, dtype=np.int64)
         draft_hist[k] = n
+        if k == 0:
+            n = 0  # nothing was drafted: no accepted length to count
     accepted_hist = np.bincount(accepted, minlength=size) if n else np.zeros(size, dtype=np.int64)
     return AcceptSummary(accepted_hist, draft_hist)
 

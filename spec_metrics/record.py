@@ -16,7 +16,8 @@ class StepRecord:
     """Timestamps and counts of one decode step. Plain slots: cheap to create and fill."""
 
     __slots__ = ("index", "method", "starts", "ends", "last_stage", "batch_size", "request_ids",
-                 "traceparents", "accepted", "draft_tokens", "summary", "gpu_starts", "gpu_ends")
+                 "traceparents", "request_sampled", "accepted", "draft_tokens", "summary",
+                 "gpu_starts", "gpu_ends")
 
     def __init__(self, index: int, method: str, batch_size: int | None = None,
                  request_ids: Sequence[Any] | None = None,
@@ -30,6 +31,7 @@ class StepRecord:
         self.batch_size = batch_size
         self.request_ids = request_ids
         self.traceparents = traceparents
+        self.request_sampled = False  # a request in the batch carries a sampled context
         # Host arrays, or DeviceArray copies still in flight, until the step is resolved.
         self.accepted: Any = None
         self.draft_tokens: Any = None

@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
+from .exemplars import mark_rendered_shown
+
 __all__ = ["MetricsServer", "start_http_server", "make_wsgi_app", "make_asgi_app",
            "DEFAULT_HOST", "DEFAULT_PORT"]
 
@@ -43,7 +45,15 @@ def make_wsgi_app(registry: CollectorRegistry = REGISTRY,
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
         route = _route(environ.get("PATH_INFO", ""), metrics_path)
         if route == "metrics":
-            return metrics_app(environ, start_response)
+            formats: list[str] = []
+
+            def recording_start_response(status: str, headers: list, *args: Any) -> Any:
+                formats.extend(v for k, v in headers if k.lower() == "content-type")
+                return start_response(status, headers, *args)
+
+            body = metrics_app(environ, recording_start_response)
+            _after_render(formats)
+            return body
         if route == "healthz":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"ok\n"]
@@ -68,7 +78,16 @@ def make_asgi_app(registry: CollectorRegistry = REGISTRY,
             path = path[len(root):]
         route = _route(path, metrics_path)
         if route == "metrics":
-            await metrics_app(scope, receive, send)
+            formats: list[str] = []
+
+            async def recording_send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    formats.extend(v.decode() for k, v in message.get("headers", [])
+                                   if k.lower() == b"content-type")
+                await send(message)
+
+            await metrics_app(scope, receive, recording_send)
+            _after_render(formats)
             return
         status, body = (200, b"ok\n") if route == "healthz" else (404, _NOT_FOUND)
         await send({"type": "http.response.start", "status": status,
@@ -76,6 +95,12 @@ def make_asgi_app(registry: CollectorRegistry = REGISTRY,
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+def _after_render(content_types: list[str]) -> None:
+    # Only OpenMetrics carries exemplars: only then may newer ones replace those shown.
+    if any(t.startswith("application/openmetrics-text") for t in content_types):
+        mark_rendered_shown()
 
 
 class _QuietHandler(WSGIRequestHandler):

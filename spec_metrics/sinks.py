@@ -61,7 +61,7 @@ class StepSinks:
         stage_seconds, step_seconds = record.durations()
         exemplars = reason = None
         if self._tracer is not None:
-            reason = self._tracer.decide(stage_seconds, step_seconds, record.traceparents)
+            reason = self._tracer.decide(stage_seconds, step_seconds, record.request_sampled)
             if reason is not None:
                 exemplars = self._tracer.emit(record, reason, record.method, summary)
         if self._collector is not None:

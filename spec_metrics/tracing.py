@@ -19,10 +19,10 @@ from opentelemetry.trace import Link, SpanKind
 from .catalog import STAGES
 from .collector import StepExemplars
 from .config import HooksConfig
-from .drops import DropCounter
+from .drops import DropCounter, logger
 from .exemplars import PRIORITY
 from .outliers import RunningQuantile
-from .traceparent import any_sampled, parse_traceparent
+from .traceparent import parse_traceparent
 
 if TYPE_CHECKING:
     from .inputs import AcceptSummary
@@ -54,34 +54,55 @@ class TraceSink:
             [RunningQuantile(quantile, config.outlier_min_samples) for _ in range(len(STAGES) + 1)]
             if quantile is not None else None
         )
+        self._rate = config.max_traced_steps_per_second
+        self._tokens = self._rate
+        self._refilled = time.monotonic()
+        self.rate_limited = 0  # steps that qualified but exceeded the rate
+        _warn_if_sampler_drops(tracer_provider)
         # perf_counter_ns -> ns since the epoch, for explicit span times.
         self._epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
 
     def decide(self, stage_seconds: Sequence[float | None], step_seconds: float | None,
-               traceparents: Sequence[str | None] | None) -> str | None:
-        """Why this step is traced ("outlier", "request", "ratio"), or None to skip it."""
-        outlier = False
+               request_sampled: bool) -> str | None:
+        """Why this step is traced ("slow", "outlier", "request", "ratio"), or None."""
+        slow = outlier = False
         running = self._running
         for index, seconds in enumerate(stage_seconds):
             if seconds is None:
                 continue
             limit = self._slow_stage[index]
             if limit is not None and seconds > limit:
-                outlier = True
+                slow = True
             if running is not None and running[index].observe(seconds):
                 outlier = True
         if step_seconds is not None:
             if self._slow_step is not None and step_seconds > self._slow_step:
-                outlier = True
+                slow = True
             if running is not None and running[-1].observe(step_seconds):
                 outlier = True
-        if outlier:
-            return "outlier"
-        if traceparents and any_sampled(traceparents):
-            return "request"
-        if self._ratio and self._random.random() < self._ratio:
-            return "ratio"
-        return None
+        if slow:
+            reason = "slow"
+        elif outlier:
+            reason = "outlier"
+        elif request_sampled:
+            reason = "request"
+        elif self._ratio and self._random.random() < self._ratio:
+            reason = "ratio"
+        else:
+            return None
+        return reason if self._take_token() else None
+
+    def _take_token(self) -> bool:
+        """Token bucket over traced steps: at most max_traced_steps_per_second, bursts of
+        one second's worth, so the span processor's queue cannot overflow."""
+        now = time.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self.rate_limited += 1
+        return False
 
     def emit(self, record: "StepRecord", reason: str, method: str,
              summary: "AcceptSummary | None") -> StepExemplars | None:
@@ -124,15 +145,18 @@ class TraceSink:
                 attributes=stage_attributes, start_time=starts[index] + offset,
             )
             span.end(end_time=ends[index] + offset)
-            stage_span_ids[index] = _span_hex(span)
+            stage_context = span.get_span_context()
+            if stage_context.is_valid and stage_context.trace_flags.sampled:
+                stage_span_ids[index] = format(stage_context.span_id, "016x")
         step_span.end(end_time=step_end)
         context = step_span.get_span_context()
         if not (context.is_valid and context.trace_flags.sampled):
             return None  # the SDK's sampler said no (or no SDK): no exemplar may point here
-        return StepExemplars(
-            format(context.trace_id, "032x"), format(context.span_id, "016x"), stage_span_ids,
-            PRIORITY[reason], step_end / 1e9,
-        )
+        step_hex = format(context.span_id, "016x")
+        # A stage span the sampler dropped: its exemplars point at the (exported) step span.
+        stage_span_ids = [span_id or step_hex for span_id in stage_span_ids]
+        return StepExemplars(format(context.trace_id, "032x"), step_hex, stage_span_ids,
+                             PRIORITY[reason], step_end / 1e9)
 
     def force_flush(self, timeout_millis: int) -> None:
         provider = self._provider or trace.get_tracer_provider()
@@ -159,8 +183,22 @@ class TraceSink:
         return links
 
 
-def _span_hex(span: trace.Span) -> str:
-    return format(span.get_span_context().span_id, "016x")
+def _warn_if_sampler_drops(provider: trace.TracerProvider | None) -> None:
+    """spec_metrics decides which steps to trace; a provider sampler that drops root spans
+    (e.g. parentbased_traceidratio) would silently undo it. Say so once, at construction."""
+    provider = provider or trace.get_tracer_provider()
+    sampler = getattr(provider, "sampler", None)
+    if sampler is None:
+        return  # no SDK provider (yet): nothing to check
+    description = sampler.get_description()
+    if description.startswith(("AlwaysOnSampler", "ParentBased{root:AlwaysOnSampler")):
+        return
+    logger.warning(
+        "spec_metrics: the tracer provider's sampler is %s; spec_metrics already picks the "
+        "steps to trace (ratio, outliers, sampled requests) and the sampler may drop them. "
+        "Use the default ParentBased(AlwaysOn) sampler, or give spec_metrics its own provider.",
+        description,
+    )
 
 
 def _accept_attributes(summary: "AcceptSummary") -> dict:

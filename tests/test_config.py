@@ -67,5 +67,5 @@ def test_custom_buckets_reach_the_exposition(registry):
 
 def test_registering_twice_in_one_registry_is_refused(registry):
     spec_metrics.SpecDecodeHooks(registry=registry)
-    with pytest.raises(ValueError, match="Duplicated timeseries"):
+    with pytest.raises(ValueError, match="already holds spec_metrics. metrics"):
         spec_metrics.SpecDecodeHooks(registry=registry)

@@ -108,3 +108,34 @@ def test_cuda_timer_uses_device_time_without_sync(registry, provider, exporter):
     assert (verify.end_time - verify.start_time) / 1e9 > 0.02
     step = spans["spec_decode.step"]
     assert step.start_time <= verify.start_time <= verify.end_time <= step.end_time
+
+
+def test_rejected_device_input_returns_its_pinned_buffer(registry):
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(8, buffers=4)
+    free_before = sum(len(v) for v in hooks._pinned._free.values())
+    accepted = torch.ones(4, dtype=torch.int64, device="cuda")
+    for _ in range(20):  # draft_tokens of the wrong kind: rejected after the copy started
+        _step(hooks, lambda: accepted, torch.tensor(4))
+    torch.cuda.synchronize()
+    hooks._pinned._reclaim()
+    assert hooks.collector.drops.counts["wrong_type"] == 20
+    assert sum(len(v) for v in hooks._pinned._free.values()) == free_before
+
+
+def test_poll_publishes_pending_steps_while_the_engine_idles(registry):
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(4)
+    accepted = torch.tensor([1, 2, 3], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    _step(hooks, lambda: accepted, 4)
+    assert len(hooks._pending) == 1  # the copy is behind the sleep kernel
+    torch.cuda.synchronize()  # the engine idles; the copy has landed
+    hooks.poll()
+    assert not hooks._pending
+    families = scrape(registry)
+    assert sample_value(families, "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == 6

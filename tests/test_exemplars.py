@@ -54,26 +54,71 @@ def test_classic_text_format_carries_no_exemplars(make_hooks, registry, clock):
     assert "trace_id" not in text and " # {" not in text  # ...the classic format never
 
 
+def _prometheus_scrape(registry):
+    """Scrape like Prometheus does: through spec_metrics' /metrics app, asking for
+    OpenMetrics; returns the parsed families."""
+    import io
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    import spec_metrics
+
+    app = spec_metrics.make_wsgi_app(registry)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
+               "HTTP_ACCEPT": "application/openmetrics-text;version=1.0.0",
+               "wsgi.input": io.BytesIO()}
+    body = b"".join(app(environ, lambda status, headers: None)).decode()
+    return {f.name: f for f in text_string_to_metric_families(body)}
+
+
+def _classic_scrape(registry):
+    import io
+
+    import spec_metrics
+
+    app = spec_metrics.make_wsgi_app(registry)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
+               "HTTP_ACCEPT": "text/plain", "wsgi.input": io.BytesIO()}
+    return b"".join(app(environ, lambda status, headers: None)).decode()
+
+
 def test_spike_exemplar_survives_ordinary_sampled_steps_until_scraped(make_hooks, registry, clock):
-    # Every step is traced (ratio 1.0); verify above 0.2 s is an outlier. 0.15 s and 0.22 s
-    # both fall into the (0.1, 0.25] bucket.
+    # Every step is traced (ratio 1.0); verify above 0.2 s is slow. 0.15 s and 0.22 s both
+    # fall into the (0.1, 0.25] bucket.
     hooks = make_hooks(trace_ratio=1.0, outlier_quantile=None, slow_stage_seconds=0.2)
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.22, 0.001))  # spike
     for _ in range(5):
         run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))  # ordinary, same bucket
-    assert _verify_exemplar(scrape(registry), "0.25") == 0.22  # the spike survived
-    # Once a scrape has shown it, a newer ordinary exemplar may take the slot.
+    assert _verify_exemplar(scrape(registry), "0.25") == 0.22  # the spike survived...
+    assert "trace_id" not in _classic_scrape(registry)  # ...and a classic scrape, which
+    run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))  # cannot show it,
+    assert _verify_exemplar(_prometheus_scrape(registry), "0.25") == 0.22  # keeps it held.
+    # Once an OpenMetrics scrape has shown it, a newer ordinary exemplar may take the slot.
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))
-    assert _verify_exemplar(scrape(registry), "0.25") == 0.15
+    assert _verify_exemplar(_prometheus_scrape(registry), "0.25") == 0.15
     # A newer spike replaces an unscraped ordinary one at once.
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.24, 0.001))
-    assert _verify_exemplar(scrape(registry), "0.25") == 0.24
+    assert _verify_exemplar(_prometheus_scrape(registry), "0.25") == 0.24
 
 
 def test_without_the_policy_the_spike_would_be_lost(make_hooks, registry, clock):
-    # Same sequence, but the spike is only ratio-sampled (no outlier limit): newest wins.
+    # Same sequence, but the spike is only ratio-sampled (no slow limit): newest wins.
     hooks = make_hooks(trace_ratio=1.0, outlier_quantile=None)
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.22, 0.001))
+    run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))
+    assert _verify_exemplar(scrape(registry), "0.25") == 0.15
+
+
+def test_hold_time_bounds_an_unscraped_exemplar(make_hooks, registry, clock, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("spec_metrics.collector.time.monotonic", lambda: now[0])
+    hooks = make_hooks(trace_ratio=1.0, outlier_quantile=None, slow_stage_seconds=0.2,
+                       exemplar_hold_seconds=30.0)
+    run_step(hooks, clock, [1], 2, durations=(0.001, 0.22, 0.001))
+    now[0] += 29.0
+    run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))
+    assert _verify_exemplar(scrape(registry), "0.25") == 0.22
+    now[0] += 1.0  # held 30 s and never shown by an OpenMetrics scrape: replaceable
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.15, 0.001))
     assert _verify_exemplar(scrape(registry), "0.25") == 0.15
 
@@ -87,17 +132,19 @@ def _verify_exemplar(families, le):
 
 
 def test_slot_policy():
-    slots = ExemplarSlots(1)
     from prometheus_client.samples import Exemplar
 
+    slots = ExemplarSlots(1, hold_seconds=60.0)
     spike = Exemplar({"trace_id": "a" * 32, "span_id": "b" * 16}, 1.0)
     ordinary = Exemplar({"trace_id": "c" * 32, "span_id": "d" * 16}, 0.5)
-    assert slots.offer(0, spike, PRIORITY["outlier"])
-    assert not slots.offer(0, ordinary, PRIORITY["ratio"])  # unscraped spike stays
-    assert slots.take(0) is spike
-    assert slots.offer(0, ordinary, PRIORITY["ratio"])  # shown once: may be replaced
-    assert slots.take(0) is ordinary
-    newer_spike = Exemplar({"trace_id": "e" * 32, "span_id": "f" * 16}, 2.0)
-    assert slots.offer(0, newer_spike, PRIORITY["outlier"])
-    assert slots.offer(0, spike, PRIORITY["outlier"])  # equal priority: newest wins
-    assert slots.take(0) is spike
+    assert slots.offer(0, spike, PRIORITY["slow"], now=0.0)
+    assert not slots.offer(0, ordinary, PRIORITY["ratio"], now=1.0)  # unshown spike stays
+    assert not slots.offer(0, ordinary, PRIORITY["outlier"], now=1.0)  # slow > outlier
+    assert slots.peek(0) is spike
+    slots.mark_shown(0, spike)
+    assert slots.offer(0, ordinary, PRIORITY["ratio"], now=2.0)  # shown: may be replaced
+    slots.mark_shown(0, spike)  # a stale mark (another exemplar now) changes nothing
+    newer = Exemplar({"trace_id": "e" * 32, "span_id": "f" * 16}, 2.0)
+    assert slots.offer(0, newer, PRIORITY["outlier"], now=3.0)
+    assert not slots.offer(0, ordinary, PRIORITY["ratio"], now=62.9)
+    assert slots.offer(0, ordinary, PRIORITY["ratio"], now=63.0)  # held 60 s: replaceable

@@ -84,7 +84,7 @@ def test_slow_step_threshold_forces_a_trace(make_hooks, exporter, clock):
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.06, 0.001))
     steps = [s for s in exporter.get_finished_spans() if s.name == "spec_decode.step"]
     assert [s.attributes["spec_decode.step"] for s in steps] == [1]
-    assert steps[0].attributes["spec_decode.sample_reason"] == "outlier"
+    assert steps[0].attributes["spec_decode.sample_reason"] == "slow"
 
 
 def test_slow_stage_threshold_per_stage(make_hooks, exporter, clock):
@@ -150,4 +150,4 @@ def test_on_step_listener_sees_each_step_and_its_trace(registry, provider, expor
     assert first.step_seconds == pytest.approx(0.013)
     step_span = next(s for s in exporter.get_finished_spans() if s.name == "spec_decode.step")
     assert second.trace_id == format(step_span.context.trace_id, "032x")
-    assert second.sample_reason == "outlier"
+    assert second.sample_reason == "slow"

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop cleanly like Ctrl-C
     started = time.monotonic()
     try:
-        _loop(engine, args, summary, started)
+        _loop(engine, hooks, args, summary, started)
     except KeyboardInterrupt:
         say("\ninterrupted: stopping")
     finally:
@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loop(engine: Any, args: argparse.Namespace, summary: Any, started: float) -> None:
+def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
+          started: float) -> None:
     live = sys.stderr.isatty() and not args.quiet
     collapsed = False
     next_spike = args.spike_every
@@ -132,8 +133,10 @@ def _loop(engine: Any, args: argparse.Namespace, summary: Any, started: float) -
         if next_spike is not None and elapsed >= next_spike:
             engine.set_spike(args.spike_ms, steps=1)
             next_spike += args.spike_every
-        if not engine.step() and engine.idle():
-            break
+        if not engine.step():
+            hooks.poll()  # idle: publish steps whose device results have landed
+            if engine.idle():
+                break
         if live and elapsed >= next_status:
             sys.stderr.write("\r" + summary.status_line(elapsed, engine.counters) + "  ")
             sys.stderr.flush()
