@@ -31,6 +31,36 @@ def _dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .rules import RuleParams, write_rules
+
+    fields = {f.name: f for f in dataclasses.fields(RuleParams)}
+    overrides: dict = {}
+    for item in args.set or ():
+        name, _, raw = item.partition("=")
+        if name not in fields or not _:
+            raise SystemExit(f"spec-metrics rules: --set {item!r}: expected NAME=VALUE with NAME "
+                             f"one of {', '.join(fields)}")
+        default = getattr(RuleParams(), name)
+        if isinstance(default, tuple):
+            overrides[name] = tuple(type(default[0])(v) for v in raw.split(",") if v)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            overrides[name] = type(default)(raw)
+        elif isinstance(default, dict):
+            overrides[name] = dict(kv.split(":", 1) for kv in raw.split(",") if kv)
+        else:
+            overrides[name] = raw
+    try:
+        params = RuleParams(**overrides)
+    except ValueError as exc:
+        raise SystemExit(f"spec-metrics rules: {exc}") from exc
+    for path in write_rules(args.out, params):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -51,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     dashboards.add_argument("--const-label", action="append", default=None, metavar="NAME",
                             help="a constant label to filter by (repeat; default: model, engine)")
     dashboards.set_defaults(run=_dashboards)
+    rules = commands.add_parser(
+        "rules", help="write the Prometheus recording and alerting rules",
+        description="Write the Prometheus rules generated from the metric catalog. Defaults "
+        "and every parameter: docs/runbook.md.")
+    rules.add_argument("--out", default="alerts", help="directory (default: alerts)")
+    rules.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="override a parameter, e.g. --set rate_window=2m (repeat)")
+    rules.set_defaults(run=_rules)
     demo = commands.add_parser(
         "demo", help="run the instrumented reference speculative decoder (needs torch)",
         description="Run the torch reference speculative decoder, instrumented, serving "

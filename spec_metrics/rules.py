@@ -259,7 +259,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 _Dumper.add_representer(str, _str)
 
-_HEADER = ("# Generated from the metric catalog by spec_metrics.rules.write_rules(\"alerts\").\n"
+_HEADER = ("# Generated from the metric catalog by `spec-metrics rules --out alerts`.\n"
            "# Do not edit: change RuleParams and regenerate. Runbook: docs/runbook.md\n")
 
 

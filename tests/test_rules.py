@@ -215,3 +215,18 @@ def test_shortened_rules_pass_promtool_check(tmp_path):
 def test_bad_parameters_are_rejected(kwargs):
     with pytest.raises(ValueError):
         RuleParams(**kwargs)
+
+
+def test_cli_regenerates_the_committed_rules(tmp_path):
+    import sys
+
+    subprocess.run([sys.executable, "-m", "spec_metrics", "rules", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    committed = Path(__file__).resolve().parent.parent / "alerts" / "spec_metrics.rules.yml"
+    assert (tmp_path / "spec_metrics.rules.yml").read_text() == committed.read_text()
+    shorter = subprocess.run(
+        [sys.executable, "-m", "spec_metrics", "rules", "--out", str(tmp_path / "short"),
+         "--set", "rate_window=10s", "--set", "scrape_interval=1s"],
+        check=True, capture_output=True)
+    assert shorter.returncode == 0
+    assert "[10s]" in (tmp_path / "short" / "spec_metrics.rules.yml").read_text()

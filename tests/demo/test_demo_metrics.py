@@ -55,8 +55,9 @@ def test_metrics_equal_engine_counters(target, drafter, method, temperature):
         assert _value(families, "spec_decode_draft_tokens_per_position",
                       "spec_decode_draft_tokens_per_position_total", position=str(p),
                       **m) == counters.draft_tokens_per_pos[p]
+    # accepted length is counted over drafts (requests that had draft tokens), like vLLM
     assert _value(families, "spec_decode_accepted_length", "spec_decode_accepted_length_count",
-                  **m) == counters.verified
+                  **m) == counters.drafts
     stage = "spec_decode_stage_duration_seconds"
     for name in ("draft", "verify", "draft_extend"):
         assert _value(families, stage, stage + "_count", stage=name, **m) == counters.steps
