@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inject a slow verify stage this often")
     parser.add_argument("--spike-ms", type=float, default=DEFAULT_SPIKE_MS,
                         help=f"how slow an injected spike is (default {DEFAULT_SPIKE_MS:g} ms)")
+    parser.add_argument("--slow-ms", type=float, default=100.0,
+                        help="a step slower than this is always traced (default 100 ms); "
+                        "the running p99.9 estimate catches other outliers")
     parser.add_argument("--quiet", action="store_true", help="no status line, summary only")
 
 
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.method,
         labels={"model": "tiny-gpt", "engine": "spec_metrics-demo"},
         trace_ratio=args.sample_ratio,
+        slow_step_seconds=args.slow_ms / 1e3,
         max_draft_tokens=max(8, args.draft_tokens),
         timer="cuda" if device == "cuda" else "cpu",
         on_step=summary.observe,
@@ -159,6 +163,8 @@ def _check(args: argparse.Namespace) -> None:
         problems.append("--sample-ratio must be within [0, 1]")
     if args.spike_every is not None and args.spike_every <= 0:
         problems.append("--spike-every must be > 0")
+    if args.slow_ms <= 0:
+        problems.append("--slow-ms must be > 0")
     if args.arrival_rate <= 0:
         problems.append("--arrival-rate must be > 0")
     if problems:
