@@ -61,6 +61,21 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace) -> int:
+    import json
+
+    from .snapshot import SnapshotError, parse_duration, take_snapshot
+
+    try:
+        dashboard = json.loads(open(args.dashboard).read()) if args.dashboard else None
+        index = take_snapshot(args.prometheus, parse_duration(args.range), args.out,
+                              dashboard=dashboard, rate_interval=args.rate_interval)
+    except SnapshotError as error:
+        raise SystemExit(f"spec-metrics snapshot: {error}") from error
+    print(index)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -89,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="override a parameter, e.g. --set rate_window=2m (repeat)")
     rules.set_defaults(run=_rules)
+    snapshot = commands.add_parser(
+        "snapshot", help="render every dashboard panel from a Prometheus to PNG + index.html",
+        description="Run every dashboard panel's queries over a time range against a "
+        "Prometheus and render them (matplotlib) to PNG files and one index.html, with the "
+        "exemplars of latency panels as points labelled by trace id. Needs: "
+        "pip install 'spec_metrics[snapshot]'.")
+    snapshot.add_argument("--prometheus", required=True, metavar="URL",
+                          help="e.g. http://127.0.0.1:9090")
+    snapshot.add_argument("--range", default="15m", help="time range ending now (default 15m)")
+    snapshot.add_argument("--out", default="snapshot", help="directory (default: snapshot)")
+    snapshot.add_argument("--rate-interval", default="1m",
+                          help="what $__rate_interval stands for (>= 4x scrape interval)")
+    snapshot.add_argument("--dashboard", metavar="PATH",
+                          help="dashboard JSON (default: the generated spec_metrics one)")
+    snapshot.set_defaults(run=_snapshot)
     demo = commands.add_parser(
         "demo", help="run the instrumented reference speculative decoder (needs torch)",
         description="Run the torch reference speculative decoder, instrumented, serving "
