@@ -28,6 +28,15 @@ def _dashboards(args: argparse.Namespace) -> int:
     labels = tuple(args.const_label) if args.const_label else DEFAULT_CONST_LABELS
     for path in write_dashboards(args.out, const_labels=labels):
         print(path)
+    if args.docs:
+        from pathlib import Path
+
+        from .dashboard_docs import render_dashboard_docs
+        from .dashboards import build_dashboard
+
+        Path(args.docs).write_text(render_dashboard_docs(build_dashboard(labels)),
+                                   encoding="utf-8")
+        print(args.docs)
     return 0
 
 
@@ -95,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     dashboards.add_argument("--out", default="dashboards", help="directory (default: dashboards)")
     dashboards.add_argument("--const-label", action="append", default=None, metavar="NAME",
                             help="a constant label to filter by (repeat; default: model, engine)")
+    dashboards.add_argument("--docs", metavar="PATH",
+                            help="also write the panel reference page (docs/dashboards.md)")
     dashboards.set_defaults(run=_dashboards)
     rules = commands.add_parser(
         "rules", help="write the Prometheus recording and alerting rules",

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 from .dashboards import substitute_variables
 
-__all__ = ["take_snapshot", "SnapshotError", "parse_duration"]
+__all__ = ["take_snapshot", "SnapshotError", "parse_duration", "panel_image_name", "panels_of"]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -99,8 +99,7 @@ def take_snapshot(prometheus: str, range_seconds: float, out_dir: str | Path,
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=7, loc="upper left")
         figure.tight_layout()
-        slug = re.sub(r"[^a-z0-9]+", "-", panel["title"].lower()).strip("-")
-        name = f"panel-{number:02d}-{slug}.png"
+        name = panel_image_name(number, panel["title"])
         figure.savefig(out / name, dpi=90)
         plt.close(figure)
         entries.append((panel["title"], name, notes, exemplar_ids))
@@ -108,6 +107,17 @@ def take_snapshot(prometheus: str, range_seconds: float, out_dir: str | Path,
     index.write_text(_html(dashboard.get("title", "spec_metrics"), prometheus, start, end,
                            entries), encoding="utf-8")
     return index
+
+
+def panel_image_name(number: int, title: str) -> str:
+    """The PNG file name of the number-th panel (rows skipped)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return f"panel-{number:02d}-{slug}.png"
+
+
+def panels_of(dashboard: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The dashboard's panels in order, rows flattened away."""
+    return list(_panels(dashboard["panels"]))
 
 
 def _panels(panels: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

@@ -3,6 +3,7 @@ query explicit, filtered by the variables, valid PromQL (checked offline by prom
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -250,3 +251,19 @@ def test_cli_regenerates_the_committed_dashboard(tmp_path):
                    check=True, capture_output=True)
     committed = Path(__file__).resolve().parent.parent / "dashboards" / "spec_metrics.json"
     assert (tmp_path / "spec_metrics.json").read_text() == committed.read_text()
+
+
+def test_dashboard_docs_are_current_and_every_image_exists():
+    from spec_metrics.dashboard_docs import render_dashboard_docs
+    from spec_metrics.dashboards import build_dashboard
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    page = (docs / "dashboards.md").read_text()
+    assert page == render_dashboard_docs(build_dashboard())
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+    panels = [p for p in json.loads((Path(__file__).resolve().parent.parent / "dashboards" /
+                                     "spec_metrics.json").read_text())["panels"]
+              if p["type"] != "row"]
+    assert len(images) == len(panels)
+    for image in images:
+        assert (docs / image).read_bytes()[:4] == b"\x89PNG", image
