@@ -109,6 +109,11 @@ class SpecDecodeHooks:
         self._pending: deque[StepRecord] = deque()
         self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
         self._step_scope = StepScope(self)
+        if not self._on:
+            # Disabled is decided here, once: each hook becomes a plain no-op function on the
+            # instance, cheaper to call than a method that checks a flag.
+            for name in _HOOK_NAMES:
+                setattr(self, name, _NOOPS[name])
 
     @property
     def enabled(self) -> bool:
@@ -397,6 +402,26 @@ class SpecDecodeHooks:
     def _internal_error(self, hook: str) -> None:
         self._drops.counts["internal_error"] += 1
         logger.exception("spec_metrics.%s: internal error, step data dropped (please report)", hook)
+
+
+def _noop() -> None:
+    return None
+
+
+def _noop_begin_step(request_ids: Any = None, traceparents: Any = None,
+                     batch_size: Any = None, method: Any = None) -> None:
+    return None
+
+
+def _noop_verify_end(accepted: Any = None, draft_tokens: Any = None) -> None:
+    return None
+
+
+_HOOK_NAMES = ("begin_step", "end_step", "draft_start", "draft_end", "verify_start",
+               "verify_end", "draft_extend_start", "draft_extend_end", "poll")
+_NOOPS = {name: _noop for name in _HOOK_NAMES}
+_NOOPS["begin_step"] = _noop_begin_step
+_NOOPS["verify_end"] = _noop_verify_end
 
 
 def _check_shared(collector: SpecDecodeCollector, config: HooksConfig, options: dict,
