@@ -12,7 +12,7 @@ import threading
 import time
 from bisect import bisect_left
 from itertools import accumulate
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -31,6 +31,9 @@ from .catalog import (
 from .drops import DropCounter
 from .exemplars import ExemplarSlots, RenderLog
 from .inputs import AcceptSummary
+
+if TYPE_CHECKING:
+    from .config import HooksConfig
 
 __all__ = ["SpecDecodeCollector", "StepExemplars"]
 
@@ -124,6 +127,24 @@ class SpecDecodeCollector(Collector):
         self._label_values = tuple(self.const_labels.values())
         if registry is not None:
             registry.register(self)
+
+    def check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
+        """Another hooks object shares this collector: refuse settings it would ignore
+        (labels and buckets are the collector's; `explicit` names the options passed)."""
+        mismatches = []
+        if self.max_draft_tokens != config.max_draft_tokens:
+            mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
+                              f"(collector: {self.max_draft_tokens})")
+        if "labels" in explicit and dict(config.labels) != self.const_labels:
+            mismatches.append(f"labels={dict(config.labels)} (collector: {self.const_labels})")
+        for name in ("stage_buckets", "step_buckets"):
+            if name in explicit and getattr(config, name) != getattr(self, name):
+                mismatches.append(f"{name}={getattr(config, name)} "
+                                  f"(collector: {getattr(self, name)})")
+        if mismatches:
+            raise ValueError("spec_metrics: a shared collector keeps its own settings; these "
+                             "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
+                             "give this engine its own collector and registry.")
 
     def series_for(self, method: str) -> _Series:
         series = self._series.get(method)

@@ -15,7 +15,6 @@ their copies have landed, and are handed to the sinks at a later `end_step()` or
 
 from __future__ import annotations
 
-from collections import deque
 from time import perf_counter_ns
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,9 +24,10 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from .catalog import STAGES
 from .collector import SpecDecodeCollector
 from .config import HooksConfig
-from .cuda_timing import CudaEventTimer, wait_events
+from .cuda_timing import CudaEventTimer
 from .drops import DropCounter, InputRejected, StrictModeError, logger
 from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
+from .pending import PendingSteps
 from .record import StepRecord
 from .scopes import StageScope, StepScope, VerifyScope
 from .sinks import StepResult, StepSinks
@@ -93,7 +93,8 @@ class SpecDecodeHooks:
             self._registered_in = target
         else:
             self._registered_in = None
-            _check_shared(collector, config, options, labels)
+            explicit = set(options) | ({"labels"} if labels else set())
+            collector.check_shared(config, explicit)
         self.collector = collector
         self._drops = collector.drops
         self._tracer = (
@@ -106,7 +107,8 @@ class SpecDecodeHooks:
         self._record: StepRecord | None = None
         self._open = -1  # index of the stage started and not yet ended
         self._steps = 0
-        self._pending: deque[StepRecord] = deque()
+        self._pending = PendingSteps(self._sinks.consume, config.max_pending_steps,
+                                     self._reject)
         self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
         self._step_scope = StepScope(self)
         if not self._on:
@@ -281,7 +283,7 @@ class SpecDecodeHooks:
         if not self._on:
             return
         try:
-            self._drain()
+            self._pending.drain()
         except StrictModeError:
             raise
         except Exception:
@@ -290,14 +292,7 @@ class SpecDecodeHooks:
     def flush(self, timeout_millis: int = 30_000) -> None:
         """Wait for device results of finished steps, hand them to the sinks and flush the
         tracer provider if it can be flushed. For shutdown and tests, not for the hot path."""
-        while self._pending:
-            record = self._pending.popleft()
-            for value in (record.accepted, record.draft_tokens):
-                if isinstance(value, DeviceArray):
-                    value.wait()
-            if record.gpu_starts is not None:
-                wait_events(record.gpu_starts, record.gpu_ends)  # type: ignore[arg-type]
-            self._sinks.consume(record)
+        self._pending.flush()
         if self._tracer is not None:
             self._tracer.force_flush(timeout_millis)
 
@@ -377,24 +372,8 @@ class SpecDecodeHooks:
     def _close_record(self) -> None:
         record = self._record
         self._record = None
-        if record is None:
-            return
-        if record.pending():
-            if len(self._pending) >= self.config.max_pending_steps:
-                _discard_device_data(self._pending.popleft())
-                self._reject("end_step", "pending_overflow",
-                             f"more than {self.config.max_pending_steps} steps wait for device "
-                             "results; the oldest was dropped (is the device stream stalled?)")
-            self._pending.append(record)
-        elif self._pending:
-            self._pending.append(record)  # keep steps in order behind older pending ones
-        else:
-            self._sinks.consume(record)
-        self._drain()
-
-    def _drain(self) -> None:
-        while self._pending and not self._pending[0].pending():
-            self._sinks.consume(self._pending.popleft())
+        if record is not None:
+            self._pending.add(record)
 
     def _reject(self, hook: str, reason: str, message: str) -> None:
         self._drops.reject(hook, reason, message, self._strict)
@@ -422,31 +401,6 @@ _HOOK_NAMES = ("begin_step", "end_step", "draft_start", "draft_end", "verify_sta
 _NOOPS = {name: _noop for name in _HOOK_NAMES}
 _NOOPS["begin_step"] = _noop_begin_step
 _NOOPS["verify_end"] = _noop_verify_end
-
-
-def _check_shared(collector: SpecDecodeCollector, config: HooksConfig, options: dict,
-                  labels: Mapping[str, str] | None) -> None:
-    """A shared collector fixes labels and buckets: refuse settings it would ignore."""
-    mismatches = []
-    if collector.max_draft_tokens != config.max_draft_tokens:
-        mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
-                          f"(collector: {collector.max_draft_tokens})")
-    if labels and dict(config.labels) != collector.const_labels:
-        mismatches.append(f"labels={dict(config.labels)} (collector: {collector.const_labels})")
-    for name in ("stage_buckets", "step_buckets"):
-        if name in options and getattr(config, name) != getattr(collector, name):
-            mismatches.append(f"{name}={getattr(config, name)} "
-                              f"(collector: {getattr(collector, name)})")
-    if mismatches:
-        raise ValueError("spec_metrics: a shared collector keeps its own settings; these "
-                         "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
-                         "give this engine its own collector and registry.")
-
-
-def _discard_device_data(record: StepRecord) -> None:
-    for value in (record.accepted, record.draft_tokens):
-        if isinstance(value, DeviceArray):
-            value.discard()
 
 
 def _length(value: Any) -> int:

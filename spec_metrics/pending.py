@@ -1,0 +1,69 @@
+"""Finished steps waiting for their device results, handed to the sinks in step order.
+
+A step whose accepted counts are a CUDA tensor, or whose stages were timed with CUDA events,
+cannot be read when it ends without synchronizing the device. It waits here; every later
+`end_step()` (or `poll()`) polls the oldest one and passes on those whose copies and events
+have completed. The queue is bounded: past the limit the oldest step is dropped, never
+waited for.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from .cuda_timing import wait_events
+from .inputs import DeviceArray
+from .record import StepRecord
+
+__all__ = ["PendingSteps"]
+
+
+class PendingSteps:
+    def __init__(self, consume: Callable[[StepRecord], None], limit: int,
+                 reject: Callable[[str, str, str], None]) -> None:
+        self._consume = consume
+        self._limit = limit
+        self._reject = reject
+        self._queue: deque[StepRecord] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, record: StepRecord) -> None:
+        """Pass a finished step on now if nothing is waiting, else queue it (in order)."""
+        if record.pending():
+            if len(self._queue) >= self._limit:
+                _discard_device_data(self._queue.popleft())
+                self._reject("end_step", "pending_overflow",
+                             f"more than {self._limit} steps wait for device results; the "
+                             "oldest was dropped (is the device stream stalled?)")
+            self._queue.append(record)
+        elif self._queue:
+            self._queue.append(record)  # keep steps in order behind older pending ones
+        else:
+            self._consume(record)
+        self.drain()
+
+    def drain(self) -> None:
+        """Pass on the steps at the head whose device results have landed (never waits)."""
+        queue = self._queue
+        while queue and not queue[0].pending():
+            self._consume(queue.popleft())
+
+    def flush(self) -> None:
+        """Wait for every queued step's device results and pass them all on (shutdown)."""
+        while self._queue:
+            record = self._queue.popleft()
+            for value in (record.accepted, record.draft_tokens):
+                if isinstance(value, DeviceArray):
+                    value.wait()
+            if record.gpu_starts is not None:
+                wait_events(record.gpu_starts, record.gpu_ends)  # type: ignore[arg-type]
+            self._consume(record)
+
+
+def _discard_device_data(record: StepRecord) -> None:
+    for value in (record.accepted, record.draft_tokens):
+        if isinstance(value, DeviceArray):
+            value.discard()
