@@ -2,6 +2,7 @@
 per-request instrumentation patterns existing engines use, at one batch size and K.
 
     python benchmarks/bench_hooks.py [--steps N] [--batch 256] [--k 4] [--json out.json]
+    python benchmarks/bench_hooks.py --sweep [--json out.json]   # batch 1..512 x K 1, 4, 8
 
 A step is the minimal realistic sequence an engine calls once per decode step:
 draft_start, draft_end, verify_start, verify_end(accepted, K), draft_extend_start,
@@ -583,6 +584,195 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- sweep: batch sizes x K (issue 5) ----------------------------------------------------
+
+SWEEP_BATCHES = (1, 8, 32, 128, 256, 512)
+SWEEP_KS = (1, 4, 8)
+SPAN_BASELINE_MAX_STEPS = 30  # baseline (b) costs ~85 µs per request: cap it per cell
+BASELINE_KEYS = {"baseline (a)": "prometheus_loop", "baseline (b)": "otel_spans",
+                 "baseline (c)": "otel_histograms"}
+
+
+class FloorCase(Case):
+    """The floor: what any instrumentation of this shape must pay per step, the 7
+    timestamps (one per hook) and one vectorized update of the batch (`np.bincount`)."""
+
+    def __init__(self, batch: int, k: int) -> None:
+        super().__init__()
+        self.name, self.accepted, self.k = "floor", "numpy", k
+        self.pool = accepted_pool(batch, k, "numpy")
+        self.i = 0
+
+    def _loop(self, n: int) -> list[int]:
+        pool, pc, bincount, width = self.pool, perf_counter_ns, np.bincount, self.k + 1
+        n_pool, start = len(pool), self.i
+        samples = [0] * n
+        for j in range(n):
+            acc = pool[(start + j) % n_pool]
+            t0 = pc()
+            pc()
+            pc()
+            pc()
+            bincount(acc, minlength=width)
+            pc()
+            pc()
+            pc()
+            pc()
+            t1 = pc()
+            samples[j] = t1 - t0
+        self.i += n
+        return samples
+
+
+def _key(name: str) -> str:
+    for prefix, key in BASELINE_KEYS.items():
+        if name.startswith(prefix):
+            return key
+    return name
+
+
+def sweep_cell_cases(batch: int, k: int, steps: int, rounds: int
+                     ) -> tuple[list[Case], list[int], list[int]]:
+    """Every mode, the floor and the three baselines at one (batch, K): cases, timed steps,
+    warm-up steps."""
+    hooks_cases: list[Case] = [HooksCase(mode, batch, k) for mode in MODES]
+    baselines: list[Case] = [prometheus_loop_case(batch, k), otel_spans_case(batch, k),
+                             otel_histograms_case(batch, k)]
+    cases = hooks_cases + [FloorCase(batch, k)] + baselines
+    base_steps = [max(rounds * 20, steps // 10),
+                  max(rounds * 2, min(SPAN_BASELINE_MAX_STEPS, steps // 50)),
+                  max(rounds * 10, steps // 30)]
+    warm = [300] * (len(hooks_cases) + 1) + [max(1, n // 10) for n in base_steps]
+    return cases, [steps] * (len(hooks_cases) + 1) + base_steps, warm
+
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x; returns (b, a): µs per request, µs at batch 0."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(b), float(a)
+
+
+def run_sweep(batches: Sequence[int], ks: Sequence[int], steps: int, rounds: int
+              ) -> dict[str, Any]:
+    """All cells' cases are built first and then run in `rounds` round-robin passes over
+    every case of every cell, so the VM's speed drift spreads over all batch sizes instead
+    of landing on whichever cells ran during a slow spell (which would fake a slope)."""
+    pair_ns, pair_cpu = empty_pair_ns()
+    grid = [(batch, k) for k in ks for batch in batches]
+    built = [sweep_cell_cases(batch, k, steps, rounds) for batch, k in grid]
+    cases = [c for cs, _, _ in built for c in cs]
+    n_steps = [n for _, ns, _ in built for n in ns]
+    warm = [w for _, _, ws in built for w in ws]
+    for case, w in zip(cases, warm):
+        case.run(w, keep=False)
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for case, n in zip(cases, n_steps):
+            case.run(max(1, n // rounds))
+        print(f"  round {r + 1}/{rounds}: {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+    cells = []
+    for (batch, k), (cs, _, _) in zip(grid, built):
+        res: dict[str, Any] = {}
+        for case in cs:
+            row = case.row(pair_ns, pair_cpu)
+            res[_key(row.name)] = {"median_us": row.median_us, "p99_us": row.p99_us,
+                                   "mean_us": row.mean_us, "cpu_us": row.cpu_us,
+                                   "steps": row.steps, "round_medians_us":
+                                   row.round_medians_us, "notes": row.notes}
+        cells.append({"batch": batch, "k": k, "results": res})
+    names = list(cells[0]["results"])
+    slopes: dict[str, dict[str, Any]] = {}
+    for name in names:
+        slopes[name] = {}
+        for k in ks:
+            pts = [(c["batch"], c["results"][name]["median_us"]) for c in cells if c["k"] == k]
+            b, a = fit_slope(*zip(*pts))
+            slopes[name][str(k)] = {"us_per_request": b, "intercept_us": a}
+        pts = [(c["batch"], c["results"][name]["median_us"]) for c in cells]
+        b, a = fit_slope(*zip(*pts))
+        slopes[name]["all"] = {"us_per_request": b, "intercept_us": a}
+    return {"batches": list(batches), "ks": list(ks), "steps": steps, "rounds": rounds,
+            "empty_timing_pair_ns": pair_ns, "series": names, "cells": cells,
+            "slopes": slopes}
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    names, cells = result["series"], result["cells"]
+    lines = []
+    for stat in ("median_us", "p99_us"):
+        label = "median" if stat == "median_us" else "p99"
+        lines += [
+            f"Per-step cost, {label}, µs (empty timing pair "
+            f"{result['empty_timing_pair_ns']:.0f} ns subtracted; {result['rounds']} "
+            "interleaved rounds pooled):", "",
+            "| K | batch | " + " | ".join(names) + " |",
+            "|---:|---:|" + "---:|" * len(names),
+        ]
+        for c in cells:
+            lines.append(f"| {c['k']} | {c['batch']} | " + " | ".join(
+                _us(c["results"][n][stat]) for n in names) + " |")
+        lines.append("")
+    steps = {n: cells[0]["results"][n]["steps"] for n in names}
+    lines += ["Steps per cell: " + ", ".join(f"{n} {s}" for n, s in steps.items()), ""]
+    ks = [str(k) for k in result["ks"]]
+    lines += ["Least-squares slope of the median against batch size, µs per request "
+              "(intercept in µs):", "",
+              "| series | " + " | ".join(f"K={k}" for k in ks) + " | all K |",
+              "|---|" + "---:|" * (len(ks) + 1)]
+    for n in names:
+        sl = result["slopes"][n]
+        lines.append(f"| {n} | " + " | ".join(
+            f"{sl[k]['us_per_request']:.4f} ({_us(sl[k]['intercept_us'])})" for k in ks + ["all"])
+            + " |")
+    ours = result["slopes"]["metrics+tracing"]["all"]["us_per_request"]
+    lines += ["", "Per request, the baselines add " + ", ".join(
+        f"{n} {result['slopes'][n]['all']['us_per_request']:.2f} µs"
+        for n in BASELINE_KEYS.values() if n in result["slopes"])
+        + f"; metrics+tracing {ours:.4f} µs (all-K fit)."]
+    lines += ["", "Traced steps (K=4):", ""]
+    for c in cells:
+        if c["k"] == 4:
+            lines.append(f"- batch {c['batch']}: " + "; ".join(
+                f"{n}: {c['results'][n]['notes']}" for n in ("metrics+tracing",
+                                                             "metrics+tracing@1.0")
+                if n in c["results"]))
+    lines += ["", "Over the floor (median / floor median), per batch, K=4:", "",
+              "| batch | " + " | ".join(n for n in names if n != "floor") + " |",
+              "|---:|" + "---:|" * (len(names) - 1)]
+    for c in cells:
+        if c["k"] != 4 and 4 in result["ks"]:
+            continue
+        fl = c["results"]["floor"]["median_us"]
+        lines.append(f"| {c['batch']} | " + " | ".join(
+            f"{c['results'][n]['median_us'] / fl:.1f}×" for n in names if n != "floor") + " |")
+    return "\n".join(lines)
+
+
+def main_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    gc.collect()
+    result = run_sweep(SWEEP_BATCHES, SWEEP_KS, args.sweep_steps, args.sweep_rounds)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine_info()
+    result["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
+    shown = sys.argv if argv is None else ["bench_hooks.py", *argv]
+    result["command"] = " ".join(["python", *shown])
+    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    m, load = result["machine"], result["machine"]["loadavg_1m_before_after"]
+    print(f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
+          + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
+    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
+          f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
+    print(sweep_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20_000,
@@ -592,7 +782,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch variant")
     parser.add_argument("--json", help="write the results and machine info here")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep batch 1..512 x K 1,4,8 instead (ignores --steps, "
+                        "--batch, --k, --rounds)")
+    parser.add_argument("--sweep-steps", type=int, default=10_000,
+                        help="timed steps per hook mode per sweep cell")
+    parser.add_argument("--sweep-rounds", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.sweep:
+        return main_sweep(args, argv)
     if args.steps < 100 or args.batch < 1 or not 1 <= args.k <= 64 or args.rounds < 1:
         parser.error("need --steps >= 100, --batch >= 1, 1 <= --k <= 64, --rounds >= 1")
 

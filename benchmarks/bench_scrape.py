@@ -1,0 +1,421 @@
+"""Scrape benchmark: time to render /metrics for a SpecDecodeCollector, and how long the
+engine's hooks wait while scrapes render concurrently.
+
+    python benchmarks/bench_scrape.py [--renders 400] [--seconds 4] [--scrapers 2,4]
+                                       [--json out.json]
+
+1. Render: a registry holding only one SpecDecodeCollector with 1, 8 and 64 label sets
+   (distinct `method` values sharing the collector), each with steps recorded at
+   trace_ratio=1.0 through a real SDK TracerProvider (no-op exporter), so every bucket that
+   was hit carries an exemplar. Timed: `collect()` alone, prometheus_client's OpenMetrics
+   `generate_latest` and the classic `generate_latest`; median and p99 over `--renders`
+   renders, interleaved across formats.
+2. Concurrent: one thread runs hook steps at full rate (batch 256, K 4, numpy accepted,
+   default tracing: ratio 0.01 + outliers) while N threads render /metrics in a tight loop
+   (OpenMetrics, then `mark_rendered_shown()` as spec_metrics' server does, then classic).
+   Phases of `--seconds` each: no scrapers, then N scrapers for each N in `--scrapers`,
+   each with the collector's lock plain and with a timing wrapper (acquire-wait and hold
+   per acquisition). Reported: each `end_step()` call (it takes the collector lock), each
+   whole step (7 hook calls), lock wait of the hook thread, lock hold inside scrapes.
+
+Everything is in-process; the run is bounded by --renders and --seconds and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from time import perf_counter_ns
+from typing import Any, Sequence
+
+import numpy as np
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as classic
+from prometheus_client.openmetrics import exposition as openmetrics
+
+from spec_metrics import SpecDecodeHooks
+from spec_metrics.exemplars import mark_rendered_shown
+
+TARGET_RENDER_MS = 5.0  # issue 5: /metrics render for 8 label sets
+BATCH, K, POOL = 256, 4, 64
+
+
+# ---- plumbing --------------------------------------------------------------------------
+
+
+class NullExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def null_provider() -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+    return provider
+
+
+def accepted_pool(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, K + 1, size=BATCH, dtype=np.int64) for _ in range(POOL)]
+
+
+def run_step(hooks: SpecDecodeHooks, accepted: np.ndarray) -> None:
+    hooks.draft_start()
+    hooks.draft_end()
+    hooks.verify_start()
+    hooks.verify_end(accepted, K)
+    hooks.draft_extend_start()
+    hooks.draft_extend_end()
+    hooks.end_step()
+
+
+class TimedLock:
+    """Stands in for the collector's threading.Lock: records, per acquisition, the
+    acquiring thread, how long it waited for the lock and how long it held it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since = 0
+        self._wait = 0
+        self.records: list[tuple[int, int, int]] = []  # (thread ident, wait ns, hold ns)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        t0 = perf_counter_ns()
+        ok = self._lock.acquire(blocking, timeout)
+        if ok:
+            self._since = t1 = perf_counter_ns()
+            self._wait = t1 - t0
+        return ok
+
+    def release(self) -> None:
+        hold = perf_counter_ns() - self._since
+        self.records.append((threading.get_ident(), self._wait, hold))
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def install_timed_lock(collector: Any) -> TimedLock:
+    lock = TimedLock()
+    collector._lock = lock
+    collector._render_log._lock = lock  # mark_shown() takes the same lock
+    return lock
+
+
+def stats_us(ns: Sequence[int] | np.ndarray) -> dict[str, float]:
+    a = np.asarray(ns, dtype=np.float64) / 1e3
+    if a.size == 0:
+        return {"n": 0, "median": float("nan"), "p99": float("nan"), "p999": float("nan"),
+                "max": float("nan")}
+    return {"n": int(a.size), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
+            "p999": float(np.percentile(a, 99.9)), "max": float(a.max())}
+
+
+# ---- 1. render time ----------------------------------------------------------------------
+
+
+def build(label_sets: int, steps_per_set: int, provider: TracerProvider,
+          trace_ratio: float = 1.0) -> tuple[CollectorRegistry, list[SpecDecodeHooks]]:
+    registry = CollectorRegistry()
+    common = dict(trace_ratio=trace_ratio, tracer_provider=provider,
+                  max_traced_steps_per_second=1e9)
+    first = SpecDecodeHooks("method_0", labels={"model": "bench", "engine": "bench"},
+                            registry=registry, **common)
+    hooks = [first] + [SpecDecodeHooks(f"method_{i}", collector=first.collector, **common)
+                       for i in range(1, label_sets)]
+    pool = accepted_pool()
+    for h in hooks:
+        for s in range(steps_per_set):
+            run_step(h, pool[s % POOL])
+    return registry, hooks
+
+
+def bench_render(label_sets: int, renders: int, steps_per_set: int,
+                 provider: TracerProvider, budget_s: float) -> dict[str, Any]:
+    registry, hooks = build(label_sets, steps_per_set, provider)
+    collector = hooks[0].collector
+    body_om = openmetrics.generate_latest(registry)
+    body_classic = classic.generate_latest(registry)
+    exemplars = body_om.count(b" # {")
+    samples = sum(1 for line in body_classic.splitlines() if line and not line.startswith(b"#"))
+    timers = {
+        "collect": lambda: list(collector.collect()),
+        "openmetrics": lambda: openmetrics.generate_latest(registry),
+        "classic": lambda: classic.generate_latest(registry),
+        # Diagnosis: the default escaping (underscores) escapes every sample name
+        # character by character in Python; allow-utf-8 only does str.replace.
+        "openmetrics_utf8": lambda: openmetrics.generate_latest(
+            registry, escaping=openmetrics.ALLOWUTF8),
+    }
+    for f in timers.values():  # warm up
+        for _ in range(5):
+            f()
+    times: dict[str, list[int]] = {name: [] for name in timers}
+    budget = time.perf_counter() + budget_s
+    done = 0
+    for done in range(1, renders + 1):  # interleaved, so drift hits every format alike
+        if done > 30 and time.perf_counter() > budget:
+            done -= 1
+            break
+        for name, f in timers.items():
+            t0 = perf_counter_ns()
+            f()
+            times[name].append(perf_counter_ns() - t0)
+    for h in hooks:
+        h.flush()
+    return {
+        "label_sets": label_sets, "steps_per_set": steps_per_set, "renders": done,
+        "samples": samples, "exemplars": exemplars,
+        "bytes_openmetrics": len(body_om), "bytes_classic": len(body_classic),
+        **{f"{name}_us": stats_us(t) for name, t in times.items()},
+    }
+
+
+# ---- 2. concurrent scraping --------------------------------------------------------------
+
+
+def scraper(registry: CollectorRegistry, stop: threading.Event, out: list[int]) -> None:
+    while not stop.is_set():
+        t0 = perf_counter_ns()
+        openmetrics.generate_latest(registry)
+        mark_rendered_shown()
+        classic.generate_latest(registry)
+        out.append(perf_counter_ns() - t0)
+
+
+def concurrent_phase(scrapers: int, seconds: float, timed_lock: bool, label_sets: int,
+                     provider: TracerProvider) -> dict[str, Any]:
+    registry, hooks_list = build(label_sets, 300, provider, trace_ratio=0.01)
+    hooks = hooks_list[0]  # the engine loop; the other label sets only make scrapes bigger
+    lock = install_timed_lock(hooks.collector) if timed_lock else None
+    pool = accepted_pool(1)
+    stop = threading.Event()
+    scrape_times: list[list[int]] = [[] for _ in range(scrapers)]
+    threads = [threading.Thread(target=scraper, args=(registry, stop, scrape_times[i]),
+                                name=f"scraper-{i}", daemon=True) for i in range(scrapers)]
+    end_ns: list[int] = []
+    step_ns: list[int] = []
+    hook_ident = threading.get_ident()
+    if lock is not None:
+        lock.records.clear()
+    for t in threads:
+        t.start()
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while True:
+        acc = pool[i % POOL]
+        t0 = perf_counter_ns()
+        hooks.draft_start()
+        hooks.draft_end()
+        hooks.verify_start()
+        hooks.verify_end(acc, K)
+        hooks.draft_extend_start()
+        hooks.draft_extend_end()
+        t1 = perf_counter_ns()
+        hooks.end_step()
+        t2 = perf_counter_ns()
+        end_ns.append(t2 - t1)
+        step_ns.append(t2 - t0)
+        i += 1
+        if i % 256 == 0 and time.perf_counter() >= deadline:
+            break
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    for h in hooks_list:
+        h.flush()
+    row: dict[str, Any] = {
+        "scrapers": scrapers, "timed_lock": timed_lock, "seconds": seconds,
+        "steps": i, "steps_per_s": i / seconds,
+        "scrapes": sum(len(s) for s in scrape_times),
+        "scrape_pair_ms_median": (float(np.median(np.concatenate(scrape_times))) / 1e6
+                                  if scrapers and any(scrape_times) else None),
+        "end_step_us": stats_us(end_ns), "step_us": stats_us(step_ns),
+    }
+    if lock is not None:
+        recs = np.asarray(lock.records, dtype=np.int64).reshape(-1, 3)
+        mine = recs[:, 0] == hook_ident
+        row["hook_lock_wait_us"] = stats_us(recs[mine, 1])
+        row["hook_lock_hold_us"] = stats_us(recs[mine, 2])
+        row["scrape_lock_hold_us"] = stats_us(recs[~mine, 2])
+        row["scrape_lock_acquisitions"] = int((~mine).sum())
+    return row
+
+
+# ---- reporting ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("numpy", "prometheus_client", "opentelemetry-sdk",
+                    "opentelemetry-exporter-otlp-proto-http", "spec_metrics"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
+                                "spec_metrics"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        git = (commit + (" + uncommitted spec_metrics changes" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"git": git, "cpu_model": cpu, "cores": os.cpu_count(),
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "platform": platform.platform(), "versions": versions,
+            "gil_switch_interval_ms": sys.getswitchinterval() * 1e3}
+
+
+def header(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return (f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
+            + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v)
+            + f"\n{result['command']}  ({result['date']}, {result['elapsed_s']} s)\n")
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None or v != v else f"{v:,.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Render time of /metrics, registry holding one SpecDecodeCollector; "
+        f"up to {result['renders']} renders per format (or {result['budget_s']:g} s per size), "
+        "interleaved; ms. OM allow-utf-8: OpenMetrics with escaping=allow-utf-8 (diagnosis).",
+        "",
+        "| label sets | renders | samples | exemplars | bytes OM / classic | collect() median | "
+        "OpenMetrics median | OpenMetrics p99 | classic median | classic p99 | "
+        "OM allow-utf-8 median |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["render"]:
+        ms = {k: {s: v / 1e3 for s, v in r[f"{k}_us"].items() if s != "n"}
+              for k in ("collect", "openmetrics", "classic", "openmetrics_utf8")}
+        lines.append(
+            f"| {r['label_sets']} | {r['renders']} | {r['samples']} | {r['exemplars']} | "
+            f"{r['bytes_openmetrics']:,} / {r['bytes_classic']:,} | "
+            f"{_f(ms['collect']['median'], 2)} | {_f(ms['openmetrics']['median'], 2)} | "
+            f"{_f(ms['openmetrics']['p99'], 2)} | {_f(ms['classic']['median'], 2)} | "
+            f"{_f(ms['classic']['p99'], 2)} | {_f(ms['openmetrics_utf8']['median'], 2)} |")
+    t = result["target"]
+    lines += ["", f"Target: OpenMetrics render ≤ {t['target_ms']:g} ms for 8 label sets "
+              f"(p99 {t['p99_ms']:.2f} ms, median {t['median_ms']:.2f} ms): "
+              f"**{'PASS' if t['pass'] else 'MISS'}**", ""]
+    c = result["concurrent"]
+    lines += [
+        f"Hook thread at full rate (batch {BATCH}, K {K}, numpy accepted, trace_ratio 0.01 + "
+        f"outliers) while N threads render OpenMetrics + classic in a tight loop; "
+        f"{c['label_sets']} label sets in the collector; {c['seconds']} s per phase; µs. "
+        f"GIL switch interval {result['machine']['gil_switch_interval_ms']:g} ms.",
+        "",
+        "| scrapers | lock | steps/s | scrape pairs | step p50 | step p99 | step max | "
+        "end_step p50 | end_step p99 | end_step max | hook lock wait p99 | "
+        "hook lock wait max | scrape lock hold p99 | scrape lock hold max |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in c["phases"]:
+        w = r.get("hook_lock_wait_us", {})
+        h = r.get("scrape_lock_hold_us", {})
+        lines.append(
+            f"| {r['scrapers']} | {'timed' if r['timed_lock'] else 'plain'} | "
+            f"{r['steps_per_s']:,.0f} | {r['scrapes']} | {_f(r['step_us']['median'])} | "
+            f"{_f(r['step_us']['p99'])} | {_f(r['step_us']['max'])} | "
+            f"{_f(r['end_step_us']['median'])} | {_f(r['end_step_us']['p99'])} | "
+            f"{_f(r['end_step_us']['max'])} | {_f(w.get('p99'))} | {_f(w.get('max'))} | "
+            f"{_f(h.get('p99'))} | {_f(h.get('max'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--renders", type=int, default=400, help="renders per format and size")
+    parser.add_argument("--label-sets", default="1,8,64")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds of rendering per size at most (at least 30 renders)")
+    parser.add_argument("--steps-per-set", type=int, default=300,
+                        help="steps recorded per label set before rendering")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per concurrent phase")
+    parser.add_argument("--scrapers", default="2,4", help="scraper thread counts")
+    parser.add_argument("--concurrent-label-sets", type=int, default=8)
+    parser.add_argument("--json", help="write the results and machine info here")
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.label_sets.split(",")]
+    scraper_counts = [int(x) for x in args.scrapers.split(",")]
+    if args.renders < 10 or args.seconds <= 0 or min(sizes) < 1 or min(scraper_counts) < 1:
+        parser.error("need --renders >= 10, --seconds > 0, label sets and scrapers >= 1")
+
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    gc.collect()
+    provider = null_provider()
+    renders = [bench_render(n, args.renders, args.steps_per_set, provider, args.budget)
+               for n in sizes]
+    eight = next((r for r in renders if r["label_sets"] == 8), renders[-1])
+    target = {"label_sets": eight["label_sets"], "target_ms": TARGET_RENDER_MS,
+              "median_ms": eight["openmetrics_us"]["median"] / 1e3,
+              "p99_ms": eight["openmetrics_us"]["p99"] / 1e3}
+    target["pass"] = target["p99_ms"] <= TARGET_RENDER_MS and eight["classic_us"]["p99"] / 1e3 \
+        <= TARGET_RENDER_MS
+    phases = [concurrent_phase(0, args.seconds, False, args.concurrent_label_sets, provider),
+              concurrent_phase(0, args.seconds, True, args.concurrent_label_sets, provider)]
+    for n in scraper_counts:
+        phases.append(concurrent_phase(n, args.seconds, False, args.concurrent_label_sets,
+                                       provider))
+        phases.append(concurrent_phase(n, args.seconds, True, args.concurrent_label_sets,
+                                       provider))
+    provider.shutdown()
+    result: dict[str, Any] = {
+        "renders": args.renders, "budget_s": args.budget, "render": renders, "target": target,
+        "concurrent": {"label_sets": args.concurrent_label_sets, "seconds": args.seconds,
+                       "phases": phases},
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "machine": machine_info(),
+        "command": " ".join(["python", *(sys.argv if argv is None else
+                                         ["benchmarks/bench_scrape.py", *argv])]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    result["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
+    print(header(result))
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if target["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
