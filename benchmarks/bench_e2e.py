@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_hooks import MODES, SpanSink, machine_info  # noqa: E402
+from bench_hooks import MODES, SpanSink, header, machine_info  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from spec_metrics import SpecDecodeHooks  # noqa: E402
@@ -249,9 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = sys.argv if argv is None else ["bench_e2e.py", *argv]
     result["command"] = " ".join(["python", *shown])
     result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    m, load = result["machine"], result["machine"]["loadavg_1m_before_after"]
-    print(f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
-          + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
+    load = result["machine"]["loadavg_1m_before_after"]
+    print(header(result))
     print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
           f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
     print(markdown(result))

@@ -501,7 +501,7 @@ def machine_info() -> dict[str, Any]:
         pass
     versions = {}
     for package in ("numpy", "prometheus_client", "opentelemetry-api", "opentelemetry-sdk",
-                    "spec_metrics"):
+                    "opentelemetry-exporter-otlp-proto-http", "spec_metrics"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -524,7 +524,15 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu, "cores": os.cpu_count(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(), "versions": versions,
+        "gil_switch_interval_ms": sys.getswitchinterval() * 1e3,
     }
+
+
+def header(result: dict[str, Any]) -> str:
+    """The first line of every benchmark's output: code, machine, versions."""
+    m = result["machine"]
+    return (f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
+            + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
 
 
 def _us(value: float) -> str:
@@ -761,9 +769,8 @@ def main_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     shown = sys.argv if argv is None else ["bench_hooks.py", *argv]
     result["command"] = " ".join(["python", *shown])
     result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    m, load = result["machine"], result["machine"]["loadavg_1m_before_after"]
-    print(f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
-          + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
+    load = result["machine"]["loadavg_1m_before_after"]
+    print(header(result))
     print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
           f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
     print(sweep_markdown(result))
@@ -809,8 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     m = result["machine"]
     load = m["loadavg_1m_before_after"]
-    print(f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
-          + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
+    print(header(result))
     print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
           f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
     print(markdown(result))

@@ -42,7 +42,7 @@ from spec_metrics import SpecDecodeHooks
 from spec_metrics.exemplars import mark_rendered_shown
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_scrape import machine_info  # noqa: E402
+from bench_hooks import header, machine_info  # noqa: E402
 
 TARGET_DELTA_MB = 1.0
 BATCH, K, POOL = 256, 4, 64
@@ -231,9 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["command"] = " ".join(["python", *(sys.argv if argv is None else
                                               ["benchmarks/bench_memory.py", *argv])])
     result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    m = result["machine"]
-    print(f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
-          + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
+    print(header(result))
     print(f"{result['command']}  ({result['date']})\n")
     print(markdown(result))
     if args.json:

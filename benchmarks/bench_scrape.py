@@ -29,12 +29,9 @@ import gc
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from time import perf_counter_ns
 from typing import Any, Sequence
 
@@ -46,6 +43,10 @@ from prometheus_client import exposition as classic
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from spec_metrics import SpecDecodeHooks
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_hooks import header, machine_info  # noqa: E402
+
 from spec_metrics.exemplars import mark_rendered_shown
 
 TARGET_RENDER_MS = 5.0  # issue 5: /metrics render for 8 label sets
@@ -265,46 +266,6 @@ def concurrent_phase(scrapers: int, seconds: float, timed_lock: bool, label_sets
 
 
 # ---- reporting ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    versions = {}
-    for package in ("numpy", "prometheus_client", "opentelemetry-sdk",
-                    "opentelemetry-exporter-otlp-proto-http", "spec_metrics"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
-                                "spec_metrics"], capture_output=True, text=True,
-                               timeout=5).stdout.strip()
-        git = (commit + (" + uncommitted spec_metrics changes" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    return {"git": git, "cpu_model": cpu, "cores": os.cpu_count(),
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "platform": platform.platform(), "versions": versions,
-            "gil_switch_interval_ms": sys.getswitchinterval() * 1e3}
-
-
-def header(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    return (f"spec_metrics at {m['git']}; {m['cpu_model']}, {m['cores']} cores, {m['python']}; "
-            + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v)
-            + f"\n{result['command']}  ({result['date']}, {result['elapsed_s']} s)\n")
 
 
 def _f(v: float | None, digits: int = 1) -> str:
