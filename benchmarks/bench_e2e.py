@@ -22,9 +22,7 @@ the same round) and reported as mean ± standard deviation over rounds.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import logging
 import os
 import statistics
@@ -34,7 +32,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_hooks import MODES, SpanSink, header, machine_info  # noqa: E402
+from bench_hooks import MODES, SpanSink, report  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from spec_metrics import SpecDecodeHooks  # noqa: E402
@@ -243,20 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     result = run_bench(args.device, args.batch, args.k, args.steps, args.rounds, args.warmup,
                        args.attribution_steps)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine_info()
-    result["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
-    shown = sys.argv if argv is None else ["bench_e2e.py", *argv]
-    result["command"] = " ".join(["python", *shown])
-    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    load = result["machine"]["loadavg_1m_before_after"]
-    print(header(result))
-    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
-          f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, markdown(result), "bench_e2e.py", argv, started, load_before, args.json)
     return 0
 
 

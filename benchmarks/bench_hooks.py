@@ -535,6 +535,25 @@ def header(result: dict[str, Any]) -> str:
             + ", ".join(f"{p} {v}" for p, v in m["versions"].items() if v))
 
 
+def report(result: dict[str, Any], table: str, script: str, argv: Sequence[str] | None,
+           started: float, load_before: float, json_path: str | None) -> None:
+    """Stamp a result with machine, command, date and load; print it; save it as JSON."""
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine_info()
+    result["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
+    shown = sys.argv if argv is None else [script, *argv]
+    result["command"] = " ".join(["python", *shown])
+    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load = result["machine"]["loadavg_1m_before_after"]
+    print(header(result))
+    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
+          f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def _us(value: float) -> str:
     """µs with sensible digits: 0.28, 19.4, 345, 25,890."""
     if value >= 1000:
@@ -763,20 +782,8 @@ def main_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     load_before = os.getloadavg()[0]
     gc.collect()
     result = run_sweep(SWEEP_BATCHES, SWEEP_KS, args.sweep_steps, args.sweep_rounds)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine_info()
-    result["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
-    shown = sys.argv if argv is None else ["bench_hooks.py", *argv]
-    result["command"] = " ".join(["python", *shown])
-    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    load = result["machine"]["loadavg_1m_before_after"]
-    print(header(result))
-    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
-          f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
-    print(sweep_markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, sweep_markdown(result), "bench_hooks.py", argv, started, load_before,
+           args.json)
     return 0
 
 
@@ -807,22 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]  # other work on a small box shows up in every number
     gc.collect()  # start clean; GC stays enabled: engines run with it on
     result = run_suite(args.batch, args.k, args.steps, args.rounds, not args.no_torch)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine_info()
-    result["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
-    shown = sys.argv if argv is None else ["bench_hooks.py", *argv]
-    result["command"] = " ".join(["python", *shown])
-    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-    m = result["machine"]
-    load = m["loadavg_1m_before_after"]
-    print(header(result))
-    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s, "
-          f"load average {load[0]:.2f} before, {load[1]:.2f} after)\n")
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, markdown(result), "bench_hooks.py", argv, started, load_before, args.json)
     return 0 if all(t["pass"] for t in result["targets"].values()) else 1
 
 
