@@ -99,12 +99,34 @@ def hook_time_per_step(engines: dict[str, Any], steps: int) -> dict[str, dict[st
     return out
 
 
+def build_large_engine(device: str, hooks: Any, config: Any, d_model: int, layers: int,
+                       heads: int, sigma: float) -> Any:
+    """A randomly initialised target of the demo's architecture, large enough that a step
+    takes milliseconds on a GPU (training it is not the point: the benchmark measures the
+    hooks against the step, and every mode runs the same seeded weights)."""
+    import torch
+
+    from spec_metrics.demo.drafters import ModelDrafter
+    from spec_metrics.demo.engine import Engine
+    from spec_metrics.demo.models import GPT, GPTConfig
+
+    torch.manual_seed(1234)
+    cfg = GPTConfig(d_model=d_model, n_layer=layers, n_head=heads)
+    target = GPT(cfg).eval().requires_grad_(False).to(device)
+    drafter = ModelDrafter(target, sigma=sigma, seed=0, k=config.k)
+    return Engine(target, drafter, config, hooks=hooks)
+
+
 def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: int,
-              attribution_steps: int = 300) -> dict[str, Any]:
+              attribution_steps: int = 300, large: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     import torch
 
     from spec_metrics.demo.factory import build_engine
     from spec_metrics.demo.records import EngineConfig
+
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what a serving stack would run
 
     engines: dict[str, Any] = {}
     sinks: dict[str, SpanSink | None] = {}
@@ -112,10 +134,14 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
     for mode in MODE_NAMES:
         hooks, sink = make_hooks(mode, batch, k, device)
         torch.manual_seed(0)
-        engines[mode] = build_engine(
-            "model", device=device, hooks=hooks,
-            config=EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual"),
-            num_threads=1 if device == "cpu" else None)
+        config = EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual")
+        if large:
+            if device == "cpu":
+                torch.set_num_threads(1)
+            engines[mode] = build_large_engine(device, hooks, config, **large)
+        else:
+            engines[mode] = build_engine("model", device=device, hooks=hooks, config=config,
+                                         num_threads=1 if device == "cpu" else None)
         sinks[mode], hooks_of[mode] = sink, hooks
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -180,6 +206,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
         rows.append(row)
     c = engines["off"].counters
     return {"device": device, "batch": batch, "k": k, "steps_per_round": steps,
+            "target": ({"untrained": True, **large} if large else
+                       {"untrained": False, "model": "demo default (trained, cached)"}),
             "rounds": rounds, "warmup_steps": warmup, "tokens_identical_across_modes":
             tokens_equal, "acceptance_rate": c.acceptance_rate,
             "emitted_per_request_step": c.mean_emitted_per_verify, "rows": rows,
@@ -188,7 +216,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"Reference engine on {result['device']}, batch {result['batch']}, K {result['k']}; "
+        f"Reference engine on {result['device']}, batch {result['batch']}, K {result['k']}, "
+        f"target {_target_text(result.get('target'))}; "
         f"{result['rounds']} interleaved rounds × {result['steps_per_round']} steps per mode; "
         f"acceptance {result['acceptance_rate']:.2f}, "
         f"{result['emitted_per_request_step']:.2f} tokens per request-step; emitted tokens "
@@ -224,6 +253,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _target_text(target: dict[str, Any] | None) -> str:
+    if not target or not target.get("untrained"):
+        return "the demo's trained model"
+    return (f"random-init d_model {target['d_model']} × {target['layers']} layers "
+            f"({target['heads']} heads), draft = target + noise sigma {target['sigma']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -234,13 +270,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--attribution-steps", type=int, default=300,
                         help="extra steps per mode timing the hook calls inside the engine")
+    parser.add_argument("--d-model", type=int,
+                        help="use a random-init target this wide instead of the demo's model")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--sigma", type=float, default=0.05, help="draft weight noise")
     parser.add_argument("--json", help="write the results and machine info here")
     args = parser.parse_args(argv)
+    large = (dict(d_model=args.d_model, layers=args.layers, heads=args.heads, sigma=args.sigma)
+             if args.d_model else None)
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     result = run_bench(args.device, args.batch, args.k, args.steps, args.rounds, args.warmup,
-                       args.attribution_steps)
+                       args.attribution_steps, large)
     report(result, markdown(result), "bench_e2e.py", argv, started, load_before, args.json)
     return 0
 
