@@ -225,3 +225,50 @@ def test_public_names():
     for name in ("RankInfo", "rank_from_env", "rank_labels", "rank_resource",
                  "start_rank_http_server", "scrape_config"):
         assert name in spec_metrics.__all__ and hasattr(spec_metrics, name)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "multiprocess.md"
+
+
+def _blocks(language: str) -> list[str]:
+    parts = DOC.read_text().split(f"```{language}\n")[1:]
+    return [part.split("```", 1)[0] for part in parts]
+
+
+def test_doc_static_job_is_the_generated_one():
+    static = [b for b in _blocks("yaml") if "static_configs" in b]
+    assert static == [render_scrape_config(2)]
+
+
+def test_doc_file_sd_job_passes_promtool(tmp_path: Path):
+    (file_sd,) = [b for b in _blocks("yaml") if "file_sd_configs" in b]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: apt-get install -y --no-install-recommends prometheus")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "spec_metrics.json").write_text(render_scrape_config(2, fmt="file_sd"))
+    (tmp_path / "prometheus.yml").write_text(file_sd)
+    done = subprocess.run([promtool, "check", "config", "prometheus.yml"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_doc_collector_pipeline_names_defined_components():
+    (text,) = [b for b in _blocks("yaml") if "receivers:" in b]
+    config = yaml.safe_load(text)
+    pipeline = config["service"]["pipelines"]["traces"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) <= set(config[kind]), kind
+    policies = config["processors"]["tail_sampling"]["policies"]
+    assert policies[0] == {"name": "keep-spec-metrics", "type": "numeric_attribute",
+                           "numeric_attribute": {"key": "spec_metrics.rank", "min_value": 0,
+                                                 "max_value": 1000000}}
+    for policy in policies:
+        assert policy["type"] in policy  # each policy's settings sit under its type's key
+
+
+def test_doc_python_snippets_compile():
+    blocks = _blocks("python")
+    assert len(blocks) == 2
+    for block in blocks:
+        compile(block, str(DOC), "exec")
