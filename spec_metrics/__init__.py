@@ -9,6 +9,14 @@ from .collector import SpecDecodeCollector
 from .config import HooksConfig
 from .drops import StrictModeError
 from .hooks import SpecDecodeHooks
+from .multiprocess import (
+    RankInfo,
+    rank_from_env,
+    rank_labels,
+    rank_resource,
+    scrape_config,
+    start_rank_http_server,
+)
 from .server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
 from .sinks import StepResult
 
@@ -27,5 +35,11 @@ __all__ = [
     "start_http_server",
     "make_wsgi_app",
     "make_asgi_app",
+    "RankInfo",
+    "rank_from_env",
+    "rank_labels",
+    "rank_resource",
+    "start_rank_http_server",
+    "scrape_config",
     "__version__",
 ]

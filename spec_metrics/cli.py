@@ -85,6 +85,17 @@ def _snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scrape_config(args: argparse.Namespace) -> int:
+    from .multiprocess import render_scrape_config
+
+    try:
+        sys.stdout.write(render_scrape_config(args.ranks, args.base_port, args.host or
+                                              ["127.0.0.1"], fmt=args.format, job_name=args.job))
+    except ValueError as exc:
+        raise SystemExit(f"spec-metrics scrape-config: {exc}") from exc
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -130,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--dashboard", metavar="PATH",
                           help="dashboard JSON (default: the generated spec_metrics one)")
     snapshot.set_defaults(run=_snapshot)
+    scrape = commands.add_parser(
+        "scrape-config", help="print the Prometheus scrape job for one /metrics per rank",
+        description="Print the Prometheus scrape job (static) or file_sd targets (JSON) for "
+        "processes serving /metrics on base-port + local rank, rank = host index x ranks + "
+        "local rank. See docs/integrations/multiprocess.md.")
+    scrape.add_argument("--ranks", type=int, required=True, help="processes per host")
+    scrape.add_argument("--base-port", type=int, default=9464, help="port of local rank 0")
+    scrape.add_argument("--host", action="append", metavar="HOST",
+                        help="a host, in node-rank order (repeat; default: 127.0.0.1)")
+    scrape.add_argument("--format", choices=("static", "file_sd"), default="static",
+                        help="static: a scrape_configs YAML block; file_sd: targets JSON")
+    scrape.add_argument("--job", default="spec_metrics", help="job_name (static format)")
+    scrape.set_defaults(run=_scrape_config)
     demo = commands.add_parser(
         "demo", help="run the instrumented reference speculative decoder (needs torch)",
         description="Run the torch reference speculative decoder, instrumented, serving "

@@ -119,20 +119,23 @@ class PrometheusServer:
 
 
 def _prometheus_config(targets: Sequence[str], rule_files: Sequence[Path], scrape_interval: str,
-                       evaluation_interval: str) -> dict[str, Any]:
+                       evaluation_interval: str,
+                       scrape_configs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                    "evaluation_interval": evaluation_interval},
         "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [{"job_name": "spec_metrics", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": list(scrape_configs) if scrape_configs is not None else [
+            {"job_name": "spec_metrics", "metrics_path": "/metrics",
+             "static_configs": [{"targets": list(targets)}]}],
     }
 
 
 @pytest.fixture
 def prometheus(tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[Callable[..., PrometheusServer]]:
-    """Factory: start a real Prometheus scraping `targets` ("127.0.0.1:PORT") with rules."""
+    """Factory: start a real Prometheus scraping `targets` ("127.0.0.1:PORT") with rules, or
+    running the given `scrape_configs` jobs instead."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(INSTALL_HINT)
@@ -140,11 +143,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory
 
     def start(targets: Sequence[str], rule_files: Sequence[Path] = (),
               scrape_interval: str = "1s", evaluation_interval: str = "1s",
-              ready_timeout: float = 60.0) -> PrometheusServer:
+              ready_timeout: float = 60.0,
+              scrape_configs: Sequence[dict[str, Any]] | None = None) -> PrometheusServer:
         root = tmp_path_factory.mktemp("prometheus")
         config_path = root / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(_prometheus_config(
-            targets, rule_files, scrape_interval, evaluation_interval), sort_keys=False))
+            targets, rule_files, scrape_interval, evaluation_interval, scrape_configs),
+            sort_keys=False))
         data_dir = root / "data"
         port = free_port()
         process = subprocess.Popen(
