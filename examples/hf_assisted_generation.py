@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4, help="K")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--noise", type=float, default=0.3, help="draft weight noise")
+    parser.add_argument("--noise", type=float, default=0.1, help="draft weight noise")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128)

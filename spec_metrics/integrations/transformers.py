@@ -80,7 +80,7 @@ class GenerationInstrumentation:
 
     def install(self) -> GenerationInstrumentation:
         model = self.model
-        if _FACTORY in vars(model):
+        if _FACTORY in getattr(model, "__dict__", {}):
             raise RuntimeError("spec_metrics: this model is already instrumented (or something "
                                f"else replaced its {_FACTORY}); remove() the other one first")
         original = getattr(model, _FACTORY, None)
@@ -111,7 +111,7 @@ class GenerationInstrumentation:
         if not self._installed:
             return
         self._installed = False
-        if _FACTORY in vars(self.model):
+        if _FACTORY in getattr(self.model, "__dict__", {}):
             delattr(self.model, _FACTORY)
         self._close_unfinished()
         self.hooks.poll()
