@@ -5,7 +5,7 @@
 # dependency pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-demo,dev}"
+extras="${1:-demo,dev,hf}"
 if ! command -v promtool >/dev/null 2>&1; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "setup: install Prometheus >= 2.42 so that promtool and prometheus are on PATH" >&2
