@@ -8,10 +8,18 @@ would receive. Each step: draft, verify, draft_extend, with exact durations from
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from spec_metrics.integrations.sglang import STAGE_LEVELS, SglangSpecAdapter
 from spec_metrics.tracing import SPAN_NAMES
@@ -263,3 +271,57 @@ def test_bad_counts_are_counted_not_raised(make_hooks, registry, clock):
 def test_bad_trace_level():
     with pytest.raises(ValueError, match="trace_level"):
         SglangSpecAdapter(HooksSpy(), trace_level=-1)  # type: ignore[arg-type]
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sglang_style_eagle_worker.py"
+
+
+def run_example(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE.parents[1])}
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, check=True)
+
+
+def test_example_runs_the_hooks():
+    # Seeded numpy tables: the same acceptance every run.
+    assert run_example("--steps", "100").stdout.strip() == (
+        "100 decode steps, 100 recorded by spec_metrics, acceptance rate 0.564")
+    assert run_example("--steps", "20", "--trace-level", "1").stdout.strip() == (
+        "20 decode steps, 0 recorded by spec_metrics, acceptance rate 0.000")
+
+
+def test_example_serves_metrics():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE.parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--serve", "--duration", "3", "--port", str(port),
+         "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        families = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            if "spec_decode_drafts" in families and families["spec_decode_drafts"].samples:
+                break
+            time.sleep(0.1)
+        assert families is not None, "the example never served /metrics"
+        labels = {"method": "eagle", "model": "numpy-table", "engine": "sglang-style"}
+        drafts = sample_value(families, "spec_decode_drafts", "spec_decode_drafts_total",
+                              **labels)
+        assert drafts > 0 and drafts % 8 == 0  # whole batches of 8
+        assert sample_value(families, "spec_decode_draft_tokens",
+                            "spec_decode_draft_tokens_total", **labels) == 4 * drafts
+        stdout, _ = process.communicate(timeout=30)
+        assert "recorded by spec_metrics" in stdout
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
