@@ -9,14 +9,22 @@ position). Values are read back through prometheus_client's OpenMetrics parser.
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import spec_metrics
@@ -186,6 +194,10 @@ def test_vllm_names_exact(registry):
     for position, value in enumerate([5, 4, 3, 1]):
         assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},'
                 f'position="{position}"}} {value}.0') in text
+    # prometheus_client 0.26's OpenMetrics writer (what Prometheus asks for) escapes ':' to
+    # '_' in sample names, as for its own Counters: hence the relabelling in the docs.
+    openmetrics = openmetrics_latest(registry).decode()
+    assert f"vllm_spec_decode_num_drafts_total{{{labels}}} 7.0" in openmetrics
     # The parser reads them back as the same values.
     families = classic_scrape(registry)
     assert sample_value(families, "vllm:spec_decode_num_drafts",
@@ -290,3 +302,65 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "object"  # vLLM is absent here: no StatLoggerBase base
+
+
+# The relabelling docs/integrations/vllm.md gives for vLLM-name dashboards (see there why).
+VLLM_RELABEL = {"source_labels": ["__name__"], "regex": "vllm_(spec_decode_.*)",
+                "target_label": "__name__", "replacement": "vllm:$1"}
+
+
+def test_real_prometheus_stores_both_name_sets(tmp_path, registry):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run scripts/setup.sh")
+    logger = SpecMetricsStatLogger(VllmConfigStandIn(), 0, registry=registry, vllm_names=True)
+    logger.record(stand_in_stats(4, [(4, 0), (4, 1), (4, 4), (4, 2)]), None)
+    logger.record(stand_in_stats(4, [(4, 3), (4, 3), (4, 0)]), None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        prom_port = probe.getsockname()[1]
+    with spec_metrics.start_http_server(port=0, registry=registry) as server:
+        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                  "scrape_configs": [{
+                      "job_name": "vllm", "static_configs": [
+                          {"targets": [f"127.0.0.1:{server.port}"]}],
+                      "metric_relabel_configs": [VLLM_RELABEL]}]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            def query(expr: str) -> dict:
+                url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
+                       + urllib.parse.urlencode({"query": expr}))
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return {json.dumps(r["metric"].get("position")): float(r["value"][1])
+                            for r in json.load(response)["data"]["result"]}
+
+            deadline = time.monotonic() + 30
+            found: dict = {}
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    found = query('vllm:spec_decode_num_drafts_total{engine="0"}')
+                except OSError:
+                    found = {}
+                if found:
+                    break
+                time.sleep(0.2)
+            assert found == {"null": 7.0}
+            assert query('vllm:spec_decode_num_draft_tokens_total{model_name="tiny"}') == {
+                "null": 28.0}
+            assert query("vllm:spec_decode_num_accepted_tokens_per_pos_total") == {
+                '"0"': 5.0, '"1"': 4.0, '"2"': 3.0, '"3"': 1.0}
+            assert query('spec_decode_drafts_total{model="tiny",engine="vllm"}') == {
+                "null": 7.0}
+            assert query('{__name__=~"vllm_.*"}') == {}  # nothing left under '_' names
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
