@@ -125,7 +125,7 @@ class EAGLEWorker:
         self.spec.set_time_batch(reqs, "set_spec_draft_end_time", trace_only=True)
         self.spec.set_time_batch(reqs, "set_spec_verify_start_time", trace_only=True)
         accept_length_per_req_cpu = self.verify(batch, spec_info)
-        self.spec.set_spec_verify_end_time_batch(reqs, accept_length_per_req_cpu)
+        self.spec.verify_end_batch(reqs, accept_length_per_req_cpu)
         self.spec.set_time_batch(reqs, "set_spec_draft_extend_start_time", trace_only=True)
         self.forward_draft_extend_after_decode(batch)
         self.spec.set_time_batch(reqs, "set_spec_draft_extend_end_time", trace_only=True)

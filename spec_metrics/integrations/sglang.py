@@ -7,9 +7,9 @@ it into every request's time stats, which become trace slices `spec_draft`, `spe
 and records one step for the whole batch through `SpecDecodeHooks` instead:
 
     spec = SglangSpecAdapter(hooks, draft_tokens=num_steps, forward=set_time_batch)
-    set_time_batch = spec.set_time_batch            # same signature as sglang's helper
+    spec.set_time_batch(batch.reqs, "set_spec_draft_start_time", trace_only=True)  # as before
     ...
-    spec.set_spec_verify_end_time_batch(batch.reqs, verify_output.accept_length_per_req_cpu)
+    spec.verify_end_batch(batch.reqs, verify_output.accept_length_per_req_cpu)
 
 `forward=` keeps sglang's own per-request slices: every call is passed on to it unchanged.
 """
@@ -67,7 +67,6 @@ class SglangSpecAdapter:
         trace_level: int = 3,
         draft_tokens: Any = None,
         draft_extend: bool = True,
-        includes_bonus: bool = False,
         request_id_attr: str | None = None,
         forward: SetTimeBatch | None = None,
     ) -> None:
@@ -80,8 +79,6 @@ class SglangSpecAdapter:
             default records everything; pass sglang's `--trace-level` to mirror it.
           draft_tokens: K (draft tokens per request) used when a verify end gives none.
           draft_extend: whether the worker has a draft-extend stage (EAGLE yes, n-gram no).
-          includes_bonus: accepted lengths count the bonus token (sglang's `accept_lens`
-            tensors do; `accept_length_per_req_cpu` lists do not): subtract one.
           request_id_attr: attribute of a request holding its id (sglang: "rid"); the ids go
             on traced steps' spans. None: not collected (saves a pass over the batch).
           forward: sglang's own `set_time_batch`, called after ours with the same arguments.
@@ -93,7 +90,6 @@ class SglangSpecAdapter:
         self.trace_level = trace_level
         self._forward = forward
         self._default_k = draft_tokens
-        self._bonus = includes_bonus
         self._ids = attrgetter(request_id_attr) if request_id_attr else None
         self._on = hooks.enabled and trace_level >= STAGE_LEVELS["spec_draft"]
         self._extend = self._on and draft_extend and trace_level >= STAGE_LEVELS[
@@ -102,7 +98,8 @@ class SglangSpecAdapter:
         if not self._on:
             # Decided once: the calls become plain functions that do nothing of ours.
             self.set_time_batch = forward if forward is not None else _noop_set_time_batch
-            self.set_spec_verify_end_time_batch = _noop_verify_end_batch
+            self.verify_end_batch = _noop_verify_end_batch
+            self.set_spec_verify_end_time_batch = _noop_set_spec_verify_end_time_batch
             self.end_step = _noop
 
     @property
@@ -135,21 +132,27 @@ class SglangSpecAdapter:
             else:
                 self._forward(reqs, set_func, trace_only=trace_only, attrs=attrs)
 
-    def set_spec_verify_end_time_batch(self, reqs: Sequence[Any], accept_lens: Any,
-                                       draft_tokens: Any = None) -> None:
-        """End verify for the batch with each request's accepted draft tokens.
+    def verify_end_batch(self, reqs: Sequence[Any], num_correct_drafts: Any,
+                         draft_tokens: Any = None) -> None:
+        """End verify for the batch with each request's accepted draft tokens, the bonus
+        token not included (sglang: `verify_output.accept_length_per_req_cpu`).
 
-        `accept_lens`: list, numpy array or torch tensor (a CUDA tensor is copied without
-        blocking). `draft_tokens`: K or one count per request; default: the adapter's.
+        `num_correct_drafts`: list, numpy array or torch tensor (a CUDA tensor is copied
+        without blocking). `draft_tokens`: K or one count per request; default: the
+        adapter's.
         """
-        hooks = self.hooks
-        k = self._default_k if draft_tokens is None else draft_tokens
-        if self._bonus and accept_lens is not None:
-            accept_lens = (np.asarray(accept_lens) if isinstance(accept_lens, (list, tuple))
-                           else accept_lens) - 1
-        hooks.verify_end(accept_lens, k)
+        self.hooks.verify_end(num_correct_drafts,
+                              self._default_k if draft_tokens is None else draft_tokens)
         if not self._extend:
             self._close()
+
+    def set_spec_verify_end_time_batch(self, reqs: Sequence[Any], accept_lens: Any,
+                                       draft_tokens: Any = None) -> None:
+        """Drop-in for sglang's helper of that name: `accept_lens` counts the bonus token
+        (one more than the accepted draft tokens), so one is subtracted."""
+        if isinstance(accept_lens, (list, tuple)):
+            accept_lens = np.asarray(accept_lens)
+        self.verify_end_batch(reqs, accept_lens - 1, draft_tokens)
 
     def end_step(self) -> None:
         """Close the open step now (e.g. when the engine goes idle)."""
@@ -201,5 +204,10 @@ def _noop_set_time_batch(reqs: Any, set_func: str, trace_only: bool = False,
     return None
 
 
-def _noop_verify_end_batch(reqs: Any, accept_lens: Any, draft_tokens: Any = None) -> None:
+def _noop_verify_end_batch(reqs: Any, num_correct_drafts: Any, draft_tokens: Any = None) -> None:
+    return None
+
+
+def _noop_set_spec_verify_end_time_batch(reqs: Any, accept_lens: Any,
+                                         draft_tokens: Any = None) -> None:
     return None

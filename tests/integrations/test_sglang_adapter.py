@@ -62,7 +62,7 @@ def eagle_step(spec: SglangSpecAdapter, reqs: list[Req], clock, accepted: Any) -
     set_time_batch(reqs, "set_spec_draft_end_time", trace_only=True)
     set_time_batch(reqs, "set_spec_verify_start_time", trace_only=True)
     clock.advance(DURATIONS["verify"])  # self.verify(batch, spec_info)
-    spec.set_spec_verify_end_time_batch(reqs, accepted)
+    spec.verify_end_batch(reqs, accepted)  # accept_length_per_req_cpu
     set_time_batch(reqs, "set_spec_draft_extend_start_time", trace_only=True)
     clock.advance(DURATIONS["draft_extend"])  # self.forward_draft_extend_after_decode(batch)
     set_time_batch(reqs, "set_spec_draft_extend_end_time", trace_only=True)
@@ -189,6 +189,8 @@ def test_low_trace_level_is_one_flag_check(level):
     # Nothing of the batch, the counts or the hooks is looked at.
     for set_func in ("set_spec_draft_start_time", "set_spec_draft_extend_end_time"):
         spec.set_time_batch(Untouchable(), set_func, trace_only=True)
+    spec.verify_end_batch(Untouchable(), Untouchable(), Untouchable())
+    spec.verify_end_batch(reqs=Untouchable(), num_correct_drafts=Untouchable())
     spec.set_spec_verify_end_time_batch(Untouchable(), Untouchable(), Untouchable())
     spec.end_step()
     # With sglang's helper given, the call is that helper itself: no layer of ours.
@@ -212,7 +214,7 @@ def test_ngram_worker_without_draft_extend(make_hooks, registry, clock):
         spec.set_time_batch(reqs, "set_spec_draft_end_time")
         spec.set_time_batch(reqs, "set_spec_verify_start_time")
         clock.advance(0.004)
-        spec.set_spec_verify_end_time_batch(reqs, accepted, np.array(drafted))
+        spec.verify_end_batch(reqs, accepted, np.array(drafted))
     families = scrape(registry)
     m = {"method": "ngram"}
     assert sample_value(families, "spec_decode_drafts", "spec_decode_drafts_total", **m) == 5
@@ -223,9 +225,13 @@ def test_ngram_worker_without_draft_extend(make_hooks, registry, clock):
     assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
 
 
-def test_accept_lens_with_bonus(make_hooks, registry, clock):
-    spec = SglangSpecAdapter(make_hooks(), draft_tokens=4, includes_bonus=True)
-    eagle_step(spec, [Req("a"), Req("b"), Req("c")], clock, [3, 2, 5])  # accepted + 1
+def test_accept_lens_with_bonus_like_sglangs_batch_helper(make_hooks, registry, clock):
+    spec = SglangSpecAdapter(make_hooks(), draft_tokens=4)
+    reqs = [Req("a"), Req("b"), Req("c")]
+    spec.set_time_batch(reqs, "set_spec_verify_start_time")
+    clock.advance(0.010)
+    spec.set_spec_verify_end_time_batch(reqs, [3, 2, 5])  # accept_lens: accepted + 1
+    spec.end_step()
     families = scrape(registry)
     assert sample_value(families, "spec_decode_accepted_tokens",
                         "spec_decode_accepted_tokens_total", method="eagle") == 2 + 1 + 4
@@ -242,7 +248,7 @@ def test_step_left_open_is_closed_by_the_next_draft(make_hooks, registry, clock)
     spec.set_time_batch(reqs, "set_spec_draft_end_time")
     spec.set_time_batch(reqs, "set_spec_verify_start_time")
     clock.advance(0.010)
-    spec.set_spec_verify_end_time_batch(reqs, [1])
+    spec.verify_end_batch(reqs, [1])
     eagle_step(spec, reqs, clock, [4])
     families = scrape(registry)
     count, total = step_count_and_sum(families)
