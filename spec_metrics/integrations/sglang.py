@@ -124,6 +124,7 @@ class SglangSpecAdapter:
             except StrictModeError:
                 raise
             except Exception:
+                self.hooks.collector.drops.counts["internal_error"] += 1
                 logger.exception("spec_metrics: sglang adapter failed in %s; step data "
                                  "dropped (please report)", set_func)
         if self._forward is not None:
@@ -150,9 +151,18 @@ class SglangSpecAdapter:
                                        draft_tokens: Any = None) -> None:
         """Drop-in for sglang's helper of that name: `accept_lens` counts the bonus token
         (one more than the accepted draft tokens), so one is subtracted."""
-        if isinstance(accept_lens, (list, tuple)):
-            accept_lens = np.asarray(accept_lens)
-        self.verify_end_batch(reqs, accept_lens - 1, draft_tokens)
+        try:
+            if isinstance(accept_lens, (list, tuple)):
+                accept_lens = np.asarray(accept_lens)
+            accepted = accept_lens - 1
+        except Exception:
+            self.hooks.collector.drops.reject(
+                "sglang.set_spec_verify_end_time_batch", "wrong_type",
+                f"accept_lens must be a list, numpy array or tensor of counts, got "
+                f"{type(accept_lens).__name__}; the verify stage is timed without counts",
+                self.hooks.config.strict)
+            accepted = None
+        self.verify_end_batch(reqs, accepted, draft_tokens)
 
     def end_step(self) -> None:
         """Close the open step now (e.g. when the engine goes idle)."""

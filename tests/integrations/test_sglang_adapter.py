@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from spec_metrics import SpecDecodeHooks, StrictModeError
 from spec_metrics.integrations.sglang import STAGE_LEVELS, SglangSpecAdapter
 from spec_metrics.tracing import SPAN_NAMES
 
@@ -331,3 +332,18 @@ def test_example_serves_metrics():
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_unusable_accept_lens_are_counted_and_verify_still_timed(make_hooks, registry, clock):
+    spec = SglangSpecAdapter(make_hooks(), draft_tokens=4, draft_extend=False)
+    reqs = [Req("a")]
+    spec.set_time_batch(reqs, "set_spec_verify_start_time")
+    clock.advance(0.010)
+    spec.set_spec_verify_end_time_batch(reqs, "3")  # not counts: cannot subtract the bonus
+    families = scrape(registry)
+    assert sample_value(families, "spec_metrics_dropped", "spec_metrics_dropped_total",
+                        reason="wrong_type") == 1
+    assert stage_count_and_sum(families, "verify") == (1, pytest.approx(0.010, abs=1e-12))
+    strict = SglangSpecAdapter(SpecDecodeHooks("strict", registry=None, strict=True))
+    with pytest.raises(StrictModeError, match="accept_lens.*str"):
+        strict.set_spec_verify_end_time_batch(reqs, "3")
