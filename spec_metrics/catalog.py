@@ -12,6 +12,7 @@ from typing import Literal
 __all__ = [
     "MetricSpec",
     "METRICS",
+    "VLLM_COMPAT_METRICS",
     "STAGES",
     "DROP_REASONS",
     "DEFAULT_STAGE_BUCKETS",
@@ -131,6 +132,23 @@ METRICS: tuple[MetricSpec, ...] = (
         "Hook inputs spec_metrics rejected instead of recording, by reason.",
         "", ("reason",),
     ),
+)
+
+# vLLM's own speculative-decoding counters (vllm/v1/spec_decode/metrics.py, SpecDecodingProm),
+# with vLLM's names, help texts and labels, for `spec_metrics.integrations.vllm` when asked to
+# emit them (vllm_names=True). Kept out of METRICS: they are not spec_metrics' series, and the
+# README table, dashboards and rules must not change with them.
+VLLM_COMPAT_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("vllm:spec_decode_num_drafts_total", "counter",
+               "Number of spec decoding drafts.", "", ("model_name", "engine"),
+               const_labels=False),
+    MetricSpec("vllm:spec_decode_num_draft_tokens_total", "counter",
+               "Number of draft tokens.", "", ("model_name", "engine"), const_labels=False),
+    MetricSpec("vllm:spec_decode_num_accepted_tokens_total", "counter",
+               "Number of accepted tokens.", "", ("model_name", "engine"), const_labels=False),
+    MetricSpec("vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter",
+               "Accepted tokens per draft position.", "", ("model_name", "engine", "position"),
+               const_labels=False),
 )
 
 _BY_NAME = {spec.name: spec for spec in METRICS}
