@@ -3,13 +3,18 @@ certificate, as docs/reliability.md tells users to configure it.
 
 Three scrape jobs hit the same server: the right password and a client certificate
 (`up == 1`, an exact counter value), a wrong password (401, `up == 0`), and no client
-certificate (handshake refused, `up == 0`). Select it with `pytest -m e2e`.
+certificate (handshake refused, `up == 0`). Then the demo's --tls-*/--basic-auth-file flags.
+Select them with `pytest -m e2e`.
 """
 
 from __future__ import annotations
 
+import base64
 import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +97,41 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(prometheus, make_hooks, reg
         assert server.connection_counts["tls_failed"] >= 1
     finally:
         server.close()
+
+
+def test_demo_serves_https_with_basic_auth(demo, demo_model_cached, tmp_path):
+    """`spec-metrics demo --tls-cert --tls-key --basic-auth-file`, scraped with urllib."""
+    pki = make_pki(tmp_path)
+    users = tmp_path / "users"
+    users.write_text(f"prometheus:{hash_password(PASSWORD, iterations=1000)}\n")
+    process = demo("--duration", "60", "--batch-size", "2", "--quiet",
+                   "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                   "--basic-auth-file", str(users))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    url = f"https://{process.target}/metrics"
+    token = base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
+
+    def scrape(authorization: str | None) -> tuple[int, str] | None:
+        headers = {"Authorization": authorization} if authorization else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                        timeout=5, context=context) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return None  # not listening yet
+
+    def drafted() -> bool:
+        answer = scrape(f"Basic {token}")
+        return bool(answer) and answer[0] == 200 and any(
+            line.startswith("spec_decode_drafts_total{") and float(line.split()[-1]) > 0
+            for line in answer[1].splitlines())
+
+    deadline = time.monotonic() + 120
+    while not drafted():
+        assert process.process.poll() is None, process.diagnostics()
+        assert time.monotonic() < deadline, process.diagnostics()
+        time.sleep(0.5)
+    status, body = scrape(None)
+    assert status == 401 and "spec_decode" not in body
