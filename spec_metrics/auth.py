@@ -8,9 +8,10 @@ where `secret` is one of
     plain:<password>                                   plaintext, when nothing else fits
 
 `python -m spec_metrics.auth USER` reads a password and prints a `pbkdf2_sha256` line.
-Checks run in constant time over the secret, and an unknown user costs the same as a wrong
-password. Successful checks are remembered (by a digest of the header, a few entries), so a
-scraper that sends the same header every 15 s pays the slow hash once.
+Checks compare digests in constant time, and an unknown user is checked against the first
+user's secret, so it costs what a wrong password for that user costs. Successful checks are
+remembered (by a digest of the header, a few entries): a scraper that sends the same header
+every 15 s pays the slow hash once.
 """
 
 from __future__ import annotations

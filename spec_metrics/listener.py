@@ -25,6 +25,12 @@ DEFAULT_MAX_CONNECTIONS = 16
 logger = logging.getLogger("spec_metrics")
 
 
+def _no_key_password() -> bytes:
+    # Called only for an encrypted key; without it OpenSSL would prompt on the terminal.
+    raise ValueError("TLS: the private key is encrypted; give an unencrypted PEM key "
+                     "(openssl pkey -in key.pem -out plain.pem) readable only by this process")
+
+
 def make_tls_context(certfile: str | os.PathLike[str],
                      keyfile: str | os.PathLike[str] | None = None,
                      client_cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
@@ -33,7 +39,7 @@ def make_tls_context(certfile: str | os.PathLike[str],
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(certfile, keyfile)
+        context.load_cert_chain(certfile, keyfile, password=_no_key_password)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"TLS: cannot load certfile={os.fspath(certfile)!r} "
                          f"keyfile={keyfile and os.fspath(keyfile)!r}: {exc}; pass a PEM "

@@ -191,6 +191,13 @@ def test_tls_options_errors_say_what_to_do(registry, pki, tmp_path):
     with pytest.raises(ValueError, match="cannot load certfile"):
         start_http_server(port=0, registry=registry, certfile=pki.server_cert,
                           keyfile=pki.client_key, environ={})  # key of another certificate
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.server_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(encrypted)], check=True, timeout=60,
+                   capture_output=True)
+    with pytest.raises(ValueError, match="the private key is encrypted"):  # never a prompt
+        start_http_server(port=0, registry=registry, certfile=pki.server_cert,
+                          keyfile=encrypted, environ={})
     with pytest.raises(ValueError, match="either ssl_context"):
         start_http_server(port=0, registry=registry, certfile=pki.server_cert,
                           ssl_context=ssl.create_default_context(), environ={})
