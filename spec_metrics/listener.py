@@ -99,9 +99,11 @@ class _Connection:
         with self.lock:
             self.open = False
             try:
-                self.sock.close()
+                if not self.expired:  # FIN after the response, as socketserver does
+                    socket.socket.shutdown(self.sock, socket.SHUT_WR)
             except OSError:
                 pass
+            self.sock.close()
 
 
 class ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -117,6 +119,12 @@ class ThreadingServer(ThreadingMixIn, WSGIServer):
         self.counts = dict.fromkeys(
             ("accepted", "refused_busy", "timed_out", "tls_failed", "errors"), 0)
         self.counts_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Reached only from the accept loop (e.g. no thread could be started).
+        self.count("errors")
+        logger.warning("metrics server: connection from %s dropped", client_address,
+                       exc_info=True)
 
     def count(self, what: str) -> None:
         with self.counts_lock:
