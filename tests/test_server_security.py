@@ -306,7 +306,7 @@ def idle_tls_connection(port: int) -> socket.socket:
 
 
 def test_idle_clients_block_neither_hooks_nor_other_scrapers(registry, hooks, servers, pki):
-    server = servers(registry, certfile=pki.server_cert, keyfile=pki.server_key, timeout=1.0)
+    server = servers(registry, certfile=pki.server_cert, keyfile=pki.server_key, timeout=3.0)
     idle = [idle_tls_connection(server.port) for _ in range(3)]
     try:
         for _ in range(50):
@@ -326,7 +326,7 @@ def test_idle_clients_block_neither_hooks_nor_other_scrapers(registry, hooks, se
 
 def test_connections_over_the_bound_are_closed_then_room_again(registry, hooks, servers):
     run_step(hooks, None, [1, 2], 2)
-    server = servers(registry, max_connections=2, timeout=1.0)
+    server = servers(registry, max_connections=2, timeout=3.0)
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
     try:
         wait_for(lambda: server.connection_counts["accepted"] == 2, "2 accepted")
