@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address /metrics listens on (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"/metrics port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="serve /metrics over HTTPS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key (if not in --tls-cert)")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="require client certificates signed by these CAs (mutual TLS)")
+    parser.add_argument("--basic-auth-file", metavar="PATH",
+                        help="user:secret lines; /metrics then needs basic auth "
+                        "(python -m spec_metrics.auth USER prints a line)")
     parser.add_argument("--method", choices=("draft_model", "ngram"), default="draft_model",
                         help="drafter: a noisy copy of the target, or n-gram prompt lookup")
     parser.add_argument("--batch-size", type=int, default=8, help="running requests (default 8)")
@@ -90,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
         timer="cuda" if device == "cuda" else "cpu",
         on_step=summary.observe,
     )
-    server = start_http_server(port=args.port, host=args.host)
+    server = start_http_server(port=args.port, host=args.host, certfile=args.tls_cert,
+                               keyfile=args.tls_key, client_cafile=args.tls_client_ca,
+                               basic_auth=args.basic_auth_file)
     say = _printer(args.quiet)
     say(f"serving {server.url} (OpenMetrics with exemplars when asked); device {device}")
     config = EngineConfig(batch_size=args.batch_size, k=args.draft_tokens,
