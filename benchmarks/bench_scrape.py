@@ -7,16 +7,20 @@ engine's hooks wait while scrapes render concurrently.
 1. Render: a registry holding only one SpecDecodeCollector with 1, 8 and 64 label sets
    (distinct `method` values sharing the collector), each with steps recorded at
    trace_ratio=1.0 through a real SDK TracerProvider (no-op exporter), so every bucket that
-   was hit carries an exemplar. Timed: `collect()` alone, prometheus_client's OpenMetrics
-   `generate_latest` and the classic `generate_latest`; median and p99 over `--renders`
-   renders, interleaved across formats.
+   was hit carries an exemplar. Timed: what spec_metrics' /metrics serves
+   (`spec_metrics.exposition.render`, OpenMetrics and classic: the collector's cached-prefix
+   writer), and for comparison `collect()` alone and prometheus_client's own OpenMetrics and
+   classic `generate_latest` on the same registry (the same bytes, checked); median and p99
+   over `--renders` renders, interleaved across writers.
 2. Concurrent: one thread runs hook steps at full rate (batch 256, K 4, numpy accepted,
-   default tracing: ratio 0.01 + outliers) while N threads render /metrics in a tight loop
-   (OpenMetrics, then `mark_rendered_shown()` as spec_metrics' server does, then classic).
+   default tracing: ratio 0.01 + outliers) while N threads answer /metrics requests in a
+   tight loop (`metrics_response` with Prometheus' Accept header, then
+   `mark_rendered_shown()` as spec_metrics' server does, then the classic format).
    Phases of `--seconds` each: no scrapers, then N scrapers for each N in `--scrapers`,
    each with the collector's lock plain and with a timing wrapper (acquire-wait and hold
-   per acquisition). Reported: each `end_step()` call (it takes the collector lock), each
-   whole step (7 hook calls), lock wait of the hook thread, lock hold inside scrapes.
+   per acquisition). Reported: each `end_step()` call (it hands the step to the collector),
+   each whole step (7 hook calls), lock wait of the hook thread, lock hold inside scrapes,
+   and how many steps found the lock held and were queued instead of waiting.
 
 Everything is in-process; the run is bounded by --renders and --seconds and stops by itself.
 """
@@ -48,6 +52,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_hooks import header, machine_info  # noqa: E402
 
 from spec_metrics.exemplars import mark_rendered_shown
+from spec_metrics.exposition import metrics_response, render
+
+# What Prometheus 2.42 sends when it scrapes.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 TARGET_RENDER_MS = 5.0  # issue 5: /metrics render for 8 label sets
 BATCH, K, POOL = 256, 4, 64
@@ -94,6 +103,7 @@ class TimedLock:
         self._since = 0
         self._wait = 0
         self.records: list[tuple[int, int, int]] = []  # (thread ident, wait ns, hold ns)
+        self.refused: list[int] = []  # thread idents of non-blocking tries that failed
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         t0 = perf_counter_ns()
@@ -101,6 +111,8 @@ class TimedLock:
         if ok:
             self._since = t1 = perf_counter_ns()
             self._wait = t1 - t0
+        else:
+            self.refused.append(threading.get_ident())
         return ok
 
     def release(self) -> None:
@@ -159,16 +171,16 @@ def bench_render(label_sets: int, renders: int, steps_per_set: int,
     collector = hooks[0].collector
     body_om = openmetrics.generate_latest(registry)
     body_classic = classic.generate_latest(registry)
+    identical = (render(registry, openmetrics.generate_latest) == body_om
+                 and render(registry, classic.generate_latest) == body_classic)
     exemplars = body_om.count(b" # {")
     samples = sum(1 for line in body_classic.splitlines() if line and not line.startswith(b"#"))
     timers = {
+        "openmetrics": lambda: render(registry, openmetrics.generate_latest),
+        "classic": lambda: render(registry, classic.generate_latest),
         "collect": lambda: list(collector.collect()),
-        "openmetrics": lambda: openmetrics.generate_latest(registry),
-        "classic": lambda: classic.generate_latest(registry),
-        # Diagnosis: the default escaping (underscores) escapes every sample name
-        # character by character in Python; allow-utf-8 only does str.replace.
-        "openmetrics_utf8": lambda: openmetrics.generate_latest(
-            registry, escaping=openmetrics.ALLOWUTF8),
+        "pc_openmetrics": lambda: openmetrics.generate_latest(registry),
+        "pc_classic": lambda: classic.generate_latest(registry),
     }
     for f in timers.values():  # warm up
         for _ in range(5):
@@ -188,7 +200,7 @@ def bench_render(label_sets: int, renders: int, steps_per_set: int,
         h.flush()
     return {
         "label_sets": label_sets, "steps_per_set": steps_per_set, "renders": done,
-        "samples": samples, "exemplars": exemplars,
+        "samples": samples, "exemplars": exemplars, "bytes_identical": identical,
         "bytes_openmetrics": len(body_om), "bytes_classic": len(body_classic),
         **{f"{name}_us": stats_us(t) for name, t in times.items()},
     }
@@ -200,9 +212,9 @@ def bench_render(label_sets: int, renders: int, steps_per_set: int,
 def scraper(registry: CollectorRegistry, stop: threading.Event, out: list[int]) -> None:
     while not stop.is_set():
         t0 = perf_counter_ns()
-        openmetrics.generate_latest(registry)
+        metrics_response(registry, "GET", PROMETHEUS_ACCEPT, None, "")
         mark_rendered_shown()
-        classic.generate_latest(registry)
+        metrics_response(registry, "GET", "text/plain", None, "")
         out.append(perf_counter_ns() - t0)
 
 
@@ -262,6 +274,7 @@ def concurrent_phase(scrapers: int, seconds: float, timed_lock: bool, label_sets
         row["hook_lock_hold_us"] = stats_us(recs[mine, 2])
         row["scrape_lock_hold_us"] = stats_us(recs[~mine, 2])
         row["scrape_lock_acquisitions"] = int((~mine).sum())
+        row["hook_steps_queued"] = sum(1 for ident in lock.refused if ident == hook_ident)
     return row
 
 
@@ -275,23 +288,26 @@ def _f(v: float | None, digits: int = 1) -> str:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Render time of /metrics, registry holding one SpecDecodeCollector; "
-        f"up to {result['renders']} renders per format (or {result['budget_s']:g} s per size), "
-        "interleaved; ms. OM allow-utf-8: OpenMetrics with escaping=allow-utf-8 (diagnosis).",
+        f"up to {result['renders']} renders per writer (or {result['budget_s']:g} s per size), "
+        "interleaved; ms. spec_metrics: what its /metrics serves; prometheus_client: its own "
+        "generate_latest on the same registry, for comparison (same bytes: checked).",
         "",
-        "| label sets | renders | samples | exemplars | bytes OM / classic | collect() median | "
-        "OpenMetrics median | OpenMetrics p99 | classic median | classic p99 | "
-        "OM allow-utf-8 median |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| label sets | renders | samples | exemplars | bytes OM / classic | same bytes | "
+        "spec_metrics OM median | OM p99 | classic median | classic p99 | "
+        "prometheus_client OM median | classic median | collect() median |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["render"]:
         ms = {k: {s: v / 1e3 for s, v in r[f"{k}_us"].items() if s != "n"}
-              for k in ("collect", "openmetrics", "classic", "openmetrics_utf8")}
+              for k in ("collect", "openmetrics", "classic", "pc_openmetrics", "pc_classic")}
         lines.append(
             f"| {r['label_sets']} | {r['renders']} | {r['samples']} | {r['exemplars']} | "
             f"{r['bytes_openmetrics']:,} / {r['bytes_classic']:,} | "
-            f"{_f(ms['collect']['median'], 2)} | {_f(ms['openmetrics']['median'], 2)} | "
-            f"{_f(ms['openmetrics']['p99'], 2)} | {_f(ms['classic']['median'], 2)} | "
-            f"{_f(ms['classic']['p99'], 2)} | {_f(ms['openmetrics_utf8']['median'], 2)} |")
+            f"{'yes' if r['bytes_identical'] else 'NO'} | "
+            f"{_f(ms['openmetrics']['median'], 2)} | {_f(ms['openmetrics']['p99'], 2)} | "
+            f"{_f(ms['classic']['median'], 2)} | {_f(ms['classic']['p99'], 2)} | "
+            f"{_f(ms['pc_openmetrics']['median'], 2)} | {_f(ms['pc_classic']['median'], 2)} | "
+            f"{_f(ms['collect']['median'], 2)} |")
     t = result["target"]
     lines += ["", f"Target: OpenMetrics render ≤ {t['target_ms']:g} ms for 8 label sets "
               f"(p99 {t['p99_ms']:.2f} ms, median {t['median_ms']:.2f} ms): "
@@ -305,8 +321,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| scrapers | lock | steps/s | scrape pairs | step p50 | step p99 | step max | "
         "end_step p50 | end_step p99 | end_step max | hook lock wait p99 | "
-        "hook lock wait max | scrape lock hold p99 | scrape lock hold max |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "hook lock wait max | scrape lock hold p99 | scrape lock hold max | steps queued |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in c["phases"]:
         w = r.get("hook_lock_wait_us", {})
@@ -317,7 +333,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_f(r['step_us']['p99'])} | {_f(r['step_us']['max'])} | "
             f"{_f(r['end_step_us']['median'])} | {_f(r['end_step_us']['p99'])} | "
             f"{_f(r['end_step_us']['max'])} | {_f(w.get('p99'))} | {_f(w.get('max'))} | "
-            f"{_f(h.get('p99'))} | {_f(h.get('max'))} |")
+            f"{_f(h.get('p99'))} | {_f(h.get('max'))} | "
+            f"{r.get('hook_steps_queued', '–')} |")
     return "\n".join(lines)
 
 

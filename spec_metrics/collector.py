@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from itertools import accumulate
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -31,11 +32,12 @@ from .catalog import (
 from .drops import DropCounter
 from .exemplars import ExemplarSlots, RenderLog
 from .inputs import AcceptSummary
+from .textformat import SeriesText, family_header, label_text, render_snapshot
 
 if TYPE_CHECKING:
     from .config import HooksConfig
 
-__all__ = ["SpecDecodeCollector", "StepExemplars"]
+__all__ = ["PrerenderRequest", "Snapshot", "SpecDecodeCollector", "StepExemplars"]
 
 _COUNTERS_WITH_EXEMPLARS = (
     "spec_decode_drafts_total",
@@ -43,6 +45,30 @@ _COUNTERS_WITH_EXEMPLARS = (
     "spec_decode_accepted_tokens_total",
     "spec_decode_emitted_tokens_total",
 )
+_PER_POSITION = (
+    "spec_decode_draft_tokens_per_position_total",
+    "spec_decode_accepted_tokens_per_position_total",
+)
+# Set by spec_metrics' /metrics app on its thread while it renders (exposition.py): then
+# collect() hands back a request to be rendered by render_text() instead of families.
+_RENDER_REQUEST = threading.local()
+
+
+class Snapshot(NamedTuple):
+    # per method: (method, latency [(counts, sum, exemplars)] per stage then step,
+    #  accepted_hist, draft_hist, length exemplars, counter exemplars,
+    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
+    series: list[tuple]
+    drops: dict[str, int]
+
+
+class PrerenderRequest:
+    """Yielded by collect() instead of families while spec_metrics' app renders."""
+
+    __slots__ = ("collector",)
+
+    def __init__(self, collector: "SpecDecodeCollector") -> None:
+        self.collector = collector
 
 
 class StepExemplars:
@@ -125,6 +151,12 @@ class SpecDecodeCollector(Collector):
         self._render_log = RenderLog(self._lock)
         self._label_names = tuple(self.const_labels)
         self._label_values = tuple(self.const_labels.values())
+        self._deferred: deque = deque()  # steps that found the lock held (see consume)
+        # Text prefixes per method, family headers per format (True: OpenMetrics).
+        self._texts: dict[str, SeriesText] = {}
+        self._drop_prefixes: dict[str, str] = {}
+        self._headers = {om: [family_header(self._family(spec), om) for spec in METRICS]
+                         for om in (True, False)}
         if registry is not None:
             registry.register(self)
 
@@ -150,10 +182,14 @@ class SpecDecodeCollector(Collector):
         series = self._series.get(method)
         if series is None:
             with self._lock:
-                series = self._series.setdefault(
-                    method, _Series(self.stage_buckets, self.step_buckets, self.max_draft_tokens,
-                                    self._hold)
-                )
+                series = self._series_locked(method)
+        return series
+
+    def _series_locked(self, method: str) -> _Series:
+        series = self._series.get(method)
+        if series is None:
+            series = self._series[method] = _Series(
+                self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
         return series
 
     def consume(
@@ -164,33 +200,65 @@ class SpecDecodeCollector(Collector):
         summary: AcceptSummary | None,
         exemplars: StepExemplars | None,
     ) -> None:
-        """Add one finished step. Called by the hooks, once per step."""
-        series = self.series_for(method)
+        """Add one finished step. Called by the hooks, once per step; never waits.
+
+        If a scrape (or another engine thread) holds the lock, the step is queued and the
+        next holder applies it before anything else, so a scraper that the GIL pre-empted
+        mid-snapshot cannot stall the engine, and no step is lost or reordered."""
+        step = (method, stage_seconds, step_seconds, summary, exemplars)
+        if not self._lock.acquire(blocking=False):
+            self._deferred.append(step)  # deque.append is atomic
+            return
+        try:
+            if self._deferred:
+                self._apply_deferred()
+            self._apply(*step)
+        finally:
+            self._lock.release()
+
+    def _apply_deferred(self) -> None:
+        popleft = self._deferred.popleft
+        while True:
+            try:
+                step = popleft()
+            except IndexError:
+                return
+            self._apply(*step)
+
+    def _apply(
+        self,
+        method: str,
+        stage_seconds: Sequence[float | None],
+        step_seconds: float | None,
+        summary: AcceptSummary | None,
+        exemplars: StepExemplars | None,
+    ) -> None:
+        # Caller holds self._lock.
+        series = self._series.get(method) or self._series_locked(method)
         now = time.monotonic() if exemplars is not None else 0.0
-        with self._lock:
-            for stage_index, seconds in enumerate(stage_seconds):
-                if seconds is None:
-                    continue
-                histogram = series.stages[stage_index]
-                bucket = histogram.observe(seconds)
-                if exemplars is not None:
-                    span_id = exemplars.stage_span_ids[stage_index]
-                    if span_id is not None:
-                        histogram.exemplars.offer(
-                            bucket, exemplars.exemplar(span_id, seconds), exemplars.priority, now
-                        )
-            if step_seconds is not None:
-                bucket = series.step.observe(step_seconds)
-                if exemplars is not None:
-                    series.step.exemplars.offer(
-                        bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
-                        exemplars.priority, now,
+        for stage_index, seconds in enumerate(stage_seconds):
+            if seconds is None:
+                continue
+            histogram = series.stages[stage_index]
+            bucket = histogram.observe(seconds)
+            if exemplars is not None:
+                span_id = exemplars.stage_span_ids[stage_index]
+                if span_id is not None:
+                    histogram.exemplars.offer(
+                        bucket, exemplars.exemplar(span_id, seconds), exemplars.priority, now
                     )
-            if summary is not None:
-                series.accepted_hist += summary.accepted_hist
-                series.draft_hist += summary.draft_hist
-                if exemplars is not None:
-                    self._offer_accept_exemplars(series, summary, exemplars, now)
+        if step_seconds is not None:
+            bucket = series.step.observe(step_seconds)
+            if exemplars is not None:
+                series.step.exemplars.offer(
+                    bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
+                    exemplars.priority, now,
+                )
+        if summary is not None:
+            series.accepted_hist += summary.accepted_hist
+            series.draft_hist += summary.draft_hist
+            if exemplars is not None:
+                self._offer_accept_exemplars(series, summary, exemplars, now)
 
     @staticmethod
     def _offer_accept_exemplars(series: _Series, summary: AcceptSummary,
@@ -218,12 +286,13 @@ class SpecDecodeCollector(Collector):
             return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
         return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
 
-    def collect(self) -> Iterator[Metric]:
-        families = {spec.name: self._family(spec) for spec in METRICS}
-        const = self._label_values
-        shown: list = []
+    def snapshot(self, shown: list) -> Snapshot:
+        """Copy everything a scrape renders, under the lock (deferred steps first); the
+        exemplars read are appended to `shown` as (slots, index, exemplar)."""
         with self._lock:
-            snapshot = [
+            if self._deferred:
+                self._apply_deferred()
+            raw = [
                 (
                     method,
                     [(list(h.counts), h.sum, _peek_all(h.exemplars, shown))
@@ -236,13 +305,28 @@ class SpecDecodeCollector(Collector):
                 for method, series in self._series.items()
             ]
             drops = dict(self.drops.counts)
+        series_data = []
+        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
+            summary = AcceptSummary(accepted_hist, draft_hist)
+            totals = ((summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
+                      summary.per_position(draft_hist), summary.per_position(accepted_hist))
+            series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
+                                counter_ex, totals))
+        return Snapshot(series_data, drops)
+
+    def collect(self) -> Iterator[Metric]:
+        if getattr(_RENDER_REQUEST, "active", False):
+            # spec_metrics' /metrics app renders this collector itself (textformat.py).
+            yield PrerenderRequest(self)  # type: ignore[misc]
+            return
+        families = {spec.name: self._family(spec) for spec in METRICS}
+        const = self._label_values
+        shown: list = []
+        snapshot = self.snapshot(shown)
         self._render_log.record(shown)
-        stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]
-        step_les = [floatToGoString(b) for b in self.step_buckets] + ["+Inf"]
-        k = self.max_draft_tokens
-        length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
-        positions = [str(p) for p in range(k)]
-        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in snapshot:
+        stage_les, step_les, length_les, positions = self._layout()
+        for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
+                snapshot.series):
             stage_family = families["spec_decode_stage_duration_seconds"]
             for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
                 stage_family.add_metric([method, stage, *const],
@@ -250,27 +334,52 @@ class SpecDecodeCollector(Collector):
             counts, total, ex = latency[-1]
             families["spec_decode_step_duration_seconds"].add_metric(
                 [method, *const], _buckets(step_les, counts, ex), total)
-            positions_index = np.arange(k + 1)
             length_counts = [*accepted_hist.tolist(), 0]
             families["spec_decode_accepted_length"].add_metric(
                 [method, *const], _buckets(length_les, length_counts, length_ex),
-                float(accepted_hist @ positions_index))
-            summary = AcceptSummary(accepted_hist, draft_hist)
-            for name, value, exemplar in zip(
-                _COUNTERS_WITH_EXEMPLARS,
-                (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
-                counter_ex,
-            ):
+                float(sum(i * n for i, n in enumerate(length_counts))))
+            for name, value, exemplar in zip(_COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
                 families[name].add_metric([method, *const], float(value), exemplar=exemplar)
-            for name, hist in (
-                ("spec_decode_draft_tokens_per_position_total", draft_hist),
-                ("spec_decode_accepted_tokens_per_position_total", accepted_hist),
-            ):
-                for position, value in zip(positions, summary.per_position(hist)):
+            for name, values in zip(_PER_POSITION, totals[1:]):
+                for position, value in zip(positions, values):
                     families[name].add_metric([method, position, *const], float(value))
-        for reason, value in drops.items():
+        for reason, value in snapshot.drops.items():
             families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))
         yield from families.values()
+
+    def render_text(self, openmetrics: bool) -> str:
+        """This collector's families as prometheus_client would write them (OpenMetrics
+        1.0 or classic text, legacy name escaping), from cached per-series prefixes."""
+        shown: list = []
+        snapshot = self.snapshot(shown)
+        self._render_log.record(shown if openmetrics else [])
+        texts = self._texts
+        for method, *_ in snapshot.series:
+            if method not in texts:
+                texts[method] = self._series_text(method)
+        headers = self._headers[openmetrics]
+        drop_prefixes = self._drop_prefixes
+        for reason in snapshot.drops:
+            if reason not in drop_prefixes:
+                labels = label_text({"reason": reason, **self.const_labels})
+                drop_prefixes[reason] = f"spec_metrics_dropped_total{labels} "
+        out: list[str] = []
+        render_snapshot(snapshot, texts, headers, drop_prefixes, openmetrics, out)
+        return "".join(out)
+
+    def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:
+        stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]
+        step_les = [floatToGoString(b) for b in self.step_buckets] + ["+Inf"]
+        k = self.max_draft_tokens
+        length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
+        return stage_les, step_les, length_les, [str(p) for p in range(k)]
+
+    def _series_text(self, method: str) -> SeriesText:
+        names = {"stage": "spec_decode_stage_duration_seconds",
+                 "step": "spec_decode_step_duration_seconds",
+                 "length": "spec_decode_accepted_length"}
+        return SeriesText(names, method, self.const_labels, *self._layout(),
+                          counter_names=_COUNTERS_WITH_EXEMPLARS, position_names=_PER_POSITION)
 
 
 def _peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:

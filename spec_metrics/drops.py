@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from .catalog import DROP_REASONS
@@ -28,8 +29,9 @@ class StrictModeError(ValueError):
 class DropCounter:
     """Counts rejected inputs per reason; shared by every hooks object of one collector.
 
-    Counts are plain ints bumped by the engine thread and read by the scrape thread; a
-    single `dict[key] += 1` under the GIL is enough, no lock on this path.
+    Counts are plain ints read by the scrape thread without a lock (a dict read is atomic).
+    They are bumped under a lock: `counts[key] += 1` is a read and a write that two engine
+    threads sharing a collector could interleave; rejections are rare, the lock is cheap.
     """
 
     def __init__(self, warn_interval_seconds: float = 60.0) -> None:
@@ -37,23 +39,25 @@ class DropCounter:
         self._interval = warn_interval_seconds
         self._last_warned: dict[str, float] = {}
         self._since_warned: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._lock = threading.Lock()
 
     def reject(self, hook: str, reason: str, message: str, strict: bool = False) -> None:
         """Count one rejected input; raise ValueError in strict mode, else warn (rate limited)."""
         if reason not in self.counts:
             reason = "internal_error"
-        self.counts[reason] += 1
         text = f"spec_metrics.{hook}: {message}"
-        if strict:
-            raise StrictModeError(text)
-        self._since_warned[reason] += 1
-        now = time.monotonic()
-        last = self._last_warned.get(reason)
-        if last is not None and now - last < self._interval:
-            return
-        suppressed = self._since_warned[reason] - 1
-        self._since_warned[reason] = 0
-        self._last_warned[reason] = now
+        with self._lock:
+            self.counts[reason] += 1
+            if strict:
+                raise StrictModeError(text)
+            self._since_warned[reason] += 1
+            now = time.monotonic()
+            last = self._last_warned.get(reason)
+            if last is not None and now - last < self._interval:
+                return
+            suppressed = self._since_warned[reason] - 1
+            self._since_warned[reason] = 0
+            self._last_warned[reason] = now
         tail = f" ({suppressed} more like it since the last warning)" if suppressed else ""
         logger.warning(
             "%s — input dropped, counted in spec_metrics_dropped_total{reason=%r}%s; "
