@@ -81,7 +81,8 @@ class SpecDecodeHooks:
                     config.labels, max_draft_tokens=config.max_draft_tokens,
                     stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
                     drops=DropCounter(config.warn_interval_seconds),
-                    exemplar_hold_seconds=config.exemplar_hold_seconds, registry=target,
+                    exemplar_hold_seconds=config.exemplar_hold_seconds,
+                    max_methods=config.max_methods, registry=target,
                 )
             except ValueError as exc:
                 raise ValueError(
