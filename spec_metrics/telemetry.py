@@ -15,6 +15,9 @@ from typing import Mapping
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+
+from .spans import SpanExportProcessor
 
 __all__ = ["make_tracer_provider"]
 
@@ -26,6 +29,7 @@ def make_tracer_provider(
     traces_file: str | None = None,
     otlp_endpoint: str | None = None,
     environ: Mapping[str, str] | None = None,
+    registry: CollectorRegistry | None = REGISTRY,
 ) -> TracerProvider:
     environ = os.environ if environ is None else environ
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
@@ -51,5 +55,6 @@ def make_tracer_provider(
             exporter = OTLPSpanExporter(endpoint=url)
         else:
             exporter = OTLPSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        # Ours: bounded queue, never blocks the engine, counts lost spans on /metrics.
+        provider.add_span_processor(SpanExportProcessor(exporter, registry=registry))
     return provider
