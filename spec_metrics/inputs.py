@@ -178,6 +178,8 @@ def _check_array(array: np.ndarray, what: str) -> np.ndarray:
             raise InputRejected("wrong_type", f"{what} holds values too large to be token counts: "
                                 f"{_first(array, array > _INT64_MAX, what)}")
     elif kind == "f":
+        if array.dtype.itemsize < 4:
+            array = array.astype(np.float64)  # float16 cannot hold 1e15: the bound would overflow
         finite = np.isfinite(array)
         if not finite.all():
             raise InputRejected("non_finite", f"{what} contains NaN or infinity: "
