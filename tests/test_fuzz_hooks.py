@@ -522,13 +522,11 @@ _ODD_BATCH = st.sampled_from([-1, True, "2", 2.0, np.int64(2), 100_000])
 
 
 @st.composite
-def counts(draw: Callable, n: int | None, good: bool = False) -> Any:
+def counts(draw: Callable, n: int | None) -> Any:
     """Per-request counts: mostly well formed and of the batch's length, sometimes not."""
     matches = type(n) is int and 0 <= n <= 4 and draw(_ints(0, 4))
     length = n if matches else draw(_ints(0, 4))
-    values = draw(_values_list(good, length))
-    if good:
-        return values
+    values = draw(_values_list(False, length))
     if values and draw(_ints(0, 5)) == 0:
         values[draw(_ints(0, len(values) - 1))] = draw(_ODD_FLOATS)
     shape = None
@@ -557,15 +555,51 @@ def counts(draw: Callable, n: int | None, good: bool = False) -> Any:
 
 
 @st.composite
-def draft_tokens(draw: Callable, n: int | None, good: bool = False) -> Any:
-    if good:
-        return draw(_pick((MAX_K, MAX_K - 1, 2)))
+def draft_tokens(draw: Callable, n: int | None) -> Any:
     choice = draw(_ints(0, 9))
     if choice <= 4:
         return draw(_pick((MAX_K, MAX_K, 2, 0, 1)))
     if choice <= 7:
         return draw(counts(n))  # per request
     return draw(_ODD_DRAFTS)
+
+
+@st.composite
+def verify_values(draw: Callable, n: int | None, good: bool = False) -> tuple:
+    """(accepted, draft_tokens): valid by construction when `good`, else anything; the
+    draft tokens per request mostly have the accepted counts' length."""
+    if good:
+        length = n if type(n) is int and 0 <= n <= 4 else draw(_ints(0, 4))
+        drafts = draw(_values_list(True, length))
+        accepted: list = [draw(_ints(0, d)) for d in drafts]
+        if drafts and draw(_ints(0, 2)) == 0:  # one entry just wrong
+            i = draw(_ints(0, length - 1))
+            fault = draw(_ints(0, 5))
+            if fault == 0:
+                accepted[i] = drafts[i] + draw(_ints(1, 2))
+            elif fault == 1:
+                drafts[i] = MAX_K + 1
+            elif fault == 2:
+                accepted[i] = -1
+            elif fault == 3:
+                drafts[i] = -draw(_ints(1, 3))
+            elif fault == 4:
+                accepted[i] = draw(_ODD_FLOATS)
+            else:
+                accepted.append(0)
+        form = draw(_ints(0, 2))
+        if form == 0:  # K for the whole batch
+            return accepted, max(drafts, default=MAX_K)
+        if form == 1:
+            return np.array(accepted), np.array(drafts)
+        return accepted, drafts
+    accepted = draw(counts(n))
+    shape = getattr(accepted, "shape", None)
+    if isinstance(accepted, (list, tuple)):
+        n = len(accepted)
+    elif shape is not None and len(shape) == 1:
+        n = int(shape[0])
+    return accepted, draw(draft_tokens(n))
 
 
 _DT = st.sampled_from([0, 1_000, 40_000, 700_000, 3_000_000, 12_345_678, 80_000_000,
@@ -596,16 +630,29 @@ def ops(draw: Callable, model: Model, nested: bool = True, strict: bool = False)
     """The next call(s), drawn knowing the model's state so that lengths often match."""
     dt = draw(_DT)
     batch = model.record.batch if model.record is not None else None
-    kind = draw(_pick(("step", "step", "begin", "end_step", "start", "end", "end", "verify_end",
-                       "verify_end", "with_stage", "with_step", "poll")))
-    if kind == "step":  # a whole step, mostly well formed
+    kind = draw(_pick(("step", "step", "broken_step", "broken_step", "fragment", "fragment",
+                       "begin", "end_step", "start", "end", "verify_end", "with_stage",
+                       "with_step", "poll")))
+    if kind == "fragment":  # stage starts and ends in any order
+        return [(draw(_pick(("start", "end"))), dt, draw(_ints(0, 2)))
+                for _ in range(draw(_ints(2, 5)))]
+    if kind in ("step", "broken_step"):  # a whole step, mostly well formed
         kwargs = draw(begin_kwargs()) if draw(_BOOLS) else {}
         n = kwargs.get("batch_size")
-        good = draw(_BOOLS)
-        values = (draw(counts(n, good)), draw(draft_tokens(n, good)))
-        return [("begin", dt, kwargs), ("start", dt, 0), ("end", dt, 0),
-                ("start", dt, 1), ("verify_end", dt, *values), ("start", dt, 2),
-                ("end", dt, 2), ("end_step", dt)]
+        values = draw(verify_values(n, good=draw(_BOOLS)))
+        calls = [("begin", dt, kwargs), ("start", dt, 0), ("end", dt, 0),
+                 ("start", dt, 1), ("verify_end", dt, *values), ("start", dt, 2),
+                 ("end", dt, 2), ("end_step", dt)]
+        if kind == "broken_step":  # a call missing, repeated, or two swapped
+            i = draw(_ints(0, len(calls) - 2))
+            fault = draw(_ints(0, 2))
+            if fault == 0:
+                del calls[i]
+            elif fault == 1:
+                calls.insert(i, calls[i])
+            else:
+                calls[i], calls[i + 1] = calls[i + 1], calls[i]
+        return calls
     if kind == "begin":
         return [("begin", dt, draw(begin_kwargs()))]
     if kind in ("start", "end"):
@@ -613,12 +660,12 @@ def ops(draw: Callable, model: Model, nested: bool = True, strict: bool = False)
     if kind == "verify_end":
         if draw(_ints(0, 5)) == 0:
             return [("verify_end", dt)]
-        return [("verify_end", dt, draw(counts(batch)), draw(draft_tokens(batch)))]
+        return [("verify_end", dt, *draw(verify_values(batch, good=draw(_BOOLS))))]
     if kind == "with_stage":
         stage = draw(_ints(0, 2))
         values = None
         if stage == 1 and draw(_ints(0, 4)):
-            values = (draw(counts(batch)), draw(draft_tokens(batch)))
+            values = draw(verify_values(batch, good=draw(_BOOLS)))
         return [("with_stage", dt, stage, values, draw(_ints(0, 4)) == 0)]
     if kind == "with_step" and nested and not strict:
         inner: list[tuple] = []
@@ -698,7 +745,7 @@ def test_fuzzed_calls_never_raise_and_metrics_equal_the_model(data, monkeypatch_
     hooks = _new_hooks(clock, strict=False, steps=steps, registry=registry)
     model, real = Model(clock.now), Real(hooks, clock)
     previous = None
-    calls = data.draw(_ints(1, 5), label="calls")
+    calls = data.draw(_ints(1, 4), label="calls")
     scrape_each = data.draw(_BOOLS, label="scrape after each call")
     for call in range(calls):
         for op in data.draw(ops(model), label="op"):
@@ -733,7 +780,7 @@ def test_strict_mode_raises_for_each_bad_input_and_only_then(data, monkeypatch_c
     clock = monkeypatch_clock
     hooks = _new_hooks(clock, strict=True)
     model, real = Model(clock.now), Real(hooks, clock)
-    for _ in range(data.draw(_ints(1, 4), label="calls")):
+    for _ in range(data.draw(_ints(1, 3), label="calls")):
         for op in data.draw(ops(model, strict=True), label="op"):
             model.rejections.clear()
             play(op, model)
@@ -762,3 +809,43 @@ def monkeypatch_clock():
     patcher.setattr(hooks_module, "perf_counter_ns", clock)
     yield clock
     patcher.undo()
+
+
+# ---- regressions the fuzzer found ----------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    {"request_ids": 5}, {"traceparents": iter(["x"])}, {"batch_size": "2"},
+    {"request_ids": ["a", "b"], "batch_size": "2"}, {"batch_size": -1},
+    {"traceparents": sorted(_VALID_TP)[0]},  # one string, not one per request
+])
+def test_wrong_typed_begin_step_arguments_are_wrong_type(kwargs, monkeypatch_clock):
+    hooks = _new_hooks(monkeypatch_clock, strict=False)
+    hooks.begin_step(**kwargs)
+    hooks.draft_start()
+    hooks.draft_end()
+    hooks.end_step()
+    assert {k: v for k, v in hooks.collector.drops.counts.items() if v} == {"wrong_type": 1}
+    strict = _new_hooks(monkeypatch_clock, strict=True)
+    with pytest.raises(spec_metrics.StrictModeError, match=r"^spec_metrics\.begin_step: "):
+        strict.begin_step(**kwargs)
+
+
+@pytest.mark.parametrize("accepted, reason, text", [
+    ([2**64 - 1], "wrong_type", f"accepted[0]={2**64 - 1}"),  # was 'negative, got -1'
+    (np.array([0, 1, 5, 7]), "accepted_exceeds_drafted", "request 2 accepted 5 of 4"),
+    (np.array([1.0, np.inf, 2.0], dtype=np.float16), "non_finite", "accepted[1]=inf"),
+    (np.array([1.0, 7.0], dtype=np.float16), "accepted_exceeds_drafted",
+     "request 1 accepted 7 of 4"),
+    (np.r_[np.zeros(99_999), np.nan], "non_finite", "accepted[99999]=nan"),
+    (np.r_[np.zeros(99_999, dtype=np.int64), -3], "negative", "accepted[99999]=-3"),
+])
+def test_rejected_counts_name_the_offending_entry(accepted, reason, text, monkeypatch_clock):
+    hooks = _new_hooks(monkeypatch_clock, strict=True)
+    hooks.verify_start()
+    with pytest.raises(spec_metrics.StrictModeError) as info:
+        hooks.verify_end(accepted, MAX_K)
+    assert str(info.value).startswith("spec_metrics.verify_end: ") and text in str(info.value)
+    lenient = _new_hooks(monkeypatch_clock, strict=False)
+    lenient.verify_start()
+    lenient.verify_end(accepted, MAX_K)  # float16 once overflowed in a numpy warning here
+    assert {k: v for k, v in lenient.collector.drops.counts.items() if v} == {reason: 1}
