@@ -745,7 +745,7 @@ def test_fuzzed_calls_never_raise_and_metrics_equal_the_model(data, monkeypatch_
     hooks = _new_hooks(clock, strict=False, steps=steps, registry=registry)
     model, real = Model(clock.now), Real(hooks, clock)
     previous = None
-    calls = data.draw(_ints(1, 4), label="calls")
+    calls = data.draw(_ints(1, 3), label="calls")
     scrape_each = data.draw(_BOOLS, label="scrape after each call")
     for call in range(calls):
         for op in data.draw(ops(model), label="op"):
