@@ -375,6 +375,7 @@ class Model:
                     method=method, position=str(p))
         for reason in DROP_REASONS:
             put("spec_metrics_dropped_total", self.drops[reason], reason=reason)
+        put("spec_metrics_label_values_folded_total", 0, label="method")  # one method
         return out
 
 
