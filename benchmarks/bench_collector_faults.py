@@ -6,9 +6,9 @@ One engine loop (batch 256, K 4, numpy accepted; metrics + tracing at the defaul
 trace_ratio 0.01, outliers, <= 100 traced steps/s) exports through spec_metrics'
 SpanExportProcessor (queue 2048, batch 512, 1 s delay) and the real OTLP/HTTP exporter
 (timeout 2 s) to one loopback port. Phases of `--seconds` each, in order:
-`up` (oteltap, a real OTLP/HTTP receiver, listens), `down` (nothing listens: connection
-refused), `stuck` (a socket accepts and never answers: every export waits out its
-timeout), `back` (oteltap again). Per phase: each step's 7 hook calls timed as a whole
+`up` (oteltap, a real OTLP/HTTP receiver, listens in another process), `down` (nothing
+listens: connection refused), `stuck` (a socket accepts and never answers: every export
+waits out its timeout), `back` (oteltap again). Per phase: each step's 7 hook calls timed as a whole
 (median, p99, max), steps/s, the span queue's largest length, spans exported and lost
 (by reason) during the phase, RSS at its end, threads and fds. Stops by itself.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,9 +38,45 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from spec_metrics import SpecDecodeHooks  # noqa: E402
 from spec_metrics.spans import SpanExportProcessor  # noqa: E402
-from tests.test_collector_faults import HangingCollector, Receiver, _free_port  # noqa: E402
+from tests.test_collector_faults import HangingCollector, _free_port  # noqa: E402
 
 BATCH, K = 256, 4
+_RECEIVER = """
+import asyncio, sys
+from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
+async def main():
+    settings = OtelTapHttpProtobufReceiverSettings(http_port=int(sys.argv[1]))
+    async with OtelTapHttpProtobufReceiver(settings) as receiver:
+        async for _ in receiver.stream_traces():
+            pass
+asyncio.run(main())
+"""
+
+
+class Receiver:
+    """oteltap in its own process, as a real collector would be: its work (and its GIL) is
+    not the engine's."""
+
+    def __init__(self, port: int) -> None:
+        self._process = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    self.close()
+                    raise RuntimeError("the OTLP receiver did not start") from None
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
 
 
 def phase(name: str, seconds: float, hooks: SpecDecodeHooks, processor: SpanExportProcessor,
