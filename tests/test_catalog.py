@@ -89,3 +89,23 @@ def test_ci_runs_the_readme_test_command():
     demo, tests = (block.split("\n```")[0].strip() for block in blocks)
     assert "spec-metrics demo" in demo  # the first command runs the demo...
     assert tests in (root / ".ci" / "run").read_text().splitlines()  # ...the second is CI's
+
+
+def test_readme_span_metrics_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("<!-- span-catalog:start -->\n")[1].split("<!-- span-catalog:end -->")[0]
+    assert section == catalog.markdown_table(catalog.SPAN_EXPORT_METRICS)
+
+
+def test_span_processor_exposes_exactly_the_catalog():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    from spec_metrics.spans import SpanExportProcessor
+
+    registry = CollectorRegistry()
+    SpanExportProcessor(InMemorySpanExporter(), registry=registry)
+    names = {family.name for family in registry.collect()}
+    assert names == {spec.family for spec in catalog.SPAN_EXPORT_METRICS}
