@@ -24,6 +24,10 @@ class CudaEventTimer:
         self._torch = torch
         self._free: list[Any] = []
 
+    def _reset_after_fork(self) -> None:
+        """In a forked child: drop the parent's events (CUDA is unusable after fork)."""
+        self._free = []
+
     def mark(self) -> Any:
         """Record an event on the current stream now (asynchronous)."""
         event = self._free.pop() if self._free else self._torch.cuda.Event(enable_timing=True)

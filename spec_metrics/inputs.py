@@ -36,6 +36,11 @@ class PinnedPool:
         self._free: dict[Any, list[Any]] = {}
         self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
 
+    def _reset_after_fork(self) -> None:
+        """In a forked child: drop the parent's buffers (CUDA is unusable after fork)."""
+        self._free = {}
+        self._cooling = []
+
     def take(self, length: int, dtype: Any) -> Any:
         if self._cooling:
             self._reclaim()

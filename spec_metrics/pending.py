@@ -27,6 +27,11 @@ class PendingSteps:
         self._reject = reject
         self._queue: deque[StepRecord] = deque()
 
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's queued steps, unread (their device data
+        cannot be read here, and the parent reports them)."""
+        self._queue = deque()
+
     def __len__(self) -> int:
         return len(self._queue)
 
