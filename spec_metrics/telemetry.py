@@ -5,20 +5,94 @@ the format the Collector's file exporter writes), to an OTLP/HTTP endpoint, or b
 standard `OTEL_*` variables keep working: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, and `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` when
 no endpoint is given on the command line.
+
+The provider's `shutdown()` — which the SDK also runs at interpreter exit — returns within
+`shutdown_timeout` seconds even when the OTLP endpoint is down: the SDK's own can take up to
+30 s per BatchSpanProcessor (retries with backoff, see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import threading
+from typing import Any, Mapping
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-__all__ = ["make_tracer_provider"]
+from .drops import logger
+
+__all__ = ["BoundedShutdownTracerProvider", "DEFAULT_SHUTDOWN_TIMEOUT_S", "make_tracer_provider"]
 
 _EXTRA = "pip install 'spec_metrics[demo]'"
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+# After the deadline the exporters are shut down, which ends their retry waits at once; a
+# request already on the wire (black-holed endpoint) is left to its daemon thread.
+_ABANDON_GRACE_S = 1.0
+
+
+class BoundedShutdownTracerProvider(TracerProvider):
+    """An SDK TracerProvider whose `shutdown()` and `force_flush(timeout_millis)` return
+    within their deadline whatever the exporters do.
+
+    The SDK's shutdown (also run at exit) waits for the BatchSpanProcessor's worker for up
+    to 30 s, and its force_flush ignores its timeout, while the OTLP exporter retries an
+    unreachable endpoint with backoff. Here both run on a helper thread; past the deadline
+    shutdown() shuts the exporters down (ending their retries), logs what was given up and
+    returns. Spans not exported by then are lost, as they would be anyway.
+    """
+
+    def __init__(self, *args: Any, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        if not shutdown_timeout > 0:
+            raise ValueError(f"shutdown_timeout must be > 0 seconds, got {shutdown_timeout!r}")
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self._exporters: list[Any] = []
+
+    def add_span_processor(self, span_processor: Any) -> None:
+        exporter = getattr(span_processor, "span_exporter", None)  # SDK Batch/Simple processors
+        if exporter is not None:
+            self._exporters.append(exporter)
+        super().add_span_processor(span_processor)
+
+    def shutdown(self) -> None:
+        if _within(super().shutdown, self.shutdown_timeout, "spec-metrics-otel-shutdown"):
+            return
+        logger.warning("spec_metrics: spans not exported within %gs at tracer provider "
+                       "shutdown (is the span endpoint down?); the rest are dropped",
+                       self.shutdown_timeout)
+        for exporter in self._exporters:
+            try:
+                exporter.shutdown()
+            except Exception:  # already shut down, or failing: we are leaving anyway
+                pass
+        _within(lambda: None, _ABANDON_GRACE_S, "spec-metrics-otel-abandon")
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        flush = super().force_flush
+        result: list[bool] = []
+        finished = _within(lambda: result.append(flush(timeout_millis)), timeout_millis / 1000,
+                           "spec-metrics-otel-flush")
+        return finished and bool(result and result[0])
+
+
+def _within(call: Any, seconds: float, name: str) -> bool:
+    """Run `call` on a daemon thread; whether it finished within `seconds`."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except RuntimeError:  # no new threads this late in interpreter shutdown: run unbounded
+        run()
+    return done.wait(seconds)
 
 
 def make_tracer_provider(
@@ -26,10 +100,14 @@ def make_tracer_provider(
     traces_file: str | None = None,
     otlp_endpoint: str | None = None,
     environ: Mapping[str, str] | None = None,
-) -> TracerProvider:
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+) -> BoundedShutdownTracerProvider:
+    """A provider exporting to a file and/or OTLP/HTTP; its shutdown (explicit or at exit)
+    takes at most `shutdown_timeout` seconds (+1 s if an export must be abandoned)."""
     environ = os.environ if environ is None else environ
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = BoundedShutdownTracerProvider(resource=Resource.create(attributes),
+                                             shutdown_timeout=shutdown_timeout)
     if traces_file:
         try:
             from opentelemetry.exporter.otlp.json.file import FileSpanExporter
