@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -283,6 +284,7 @@ def test_child_serves_its_own_metrics_and_cannot_take_the_parents_port(registry,
                 clash = None
             except OSError as exc:
                 clash = exc.errno
+            server.close()  # a no-op here: nothing serves in the child (else it would hang)
             run_step(hooks, None, [1], 4)
             own = spec_metrics.start_http_server(port=0, registry=registry)
             try:
@@ -303,3 +305,32 @@ def test_child_serves_its_own_metrics_and_cannot_take_the_parents_port(registry,
     parent_line = 'spec_decode_accepted_tokens_total{method="eagle"} 9.0'
     assert child_line in result["body"] and parent_line not in result["body"]
     assert parent_line in parent_body
+
+
+def test_a_live_child_does_not_keep_the_parents_port_after_the_parent_closes(registry):
+    server = spec_metrics.start_http_server(port=0, registry=registry)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: stays alive, holding whatever it inherited, until told to leave
+        try:
+            os.close(write_fd)
+            select.select([read_fd], [], [], CHILD_DEADLINE_S)
+        finally:
+            os._exit(0)
+    os.close(read_fd)
+    try:
+        server.close()
+        # Had the child kept the listening socket, the kernel would still accept (and
+        # nobody would answer): the scrape would hang instead of being refused.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    finally:
+        os.write(write_fd, b"x")
+        os.close(write_fd)
+        deadline = time.monotonic() + CHILD_DEADLINE_S
+        while os.waitpid(pid, os.WNOHANG)[0] != pid:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
