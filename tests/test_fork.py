@@ -24,6 +24,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 import spec_metrics
+from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.exposition import render
 from spec_metrics.record import StepRecord
 
@@ -167,6 +168,7 @@ def test_child_starts_fresh_even_when_parent_threads_hold_the_locks(
             run_step(hooks, None, [3, 0, 1], 3)
             hooks.end_step()  # one end_without_start drop: the drop counter's lock works
             om = render(registry, openmetrics_latest).decode()
+            mark_rendered_shown()  # what the /metrics app does after an OpenMetrics reply
             mine = [format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()]
             return {"totals": totals(om), "own_traces": sorted(set(mine) - known),
                     "queued_at_start": queued}
