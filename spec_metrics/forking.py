@@ -16,9 +16,19 @@ from typing import Any
 
 from .drops import logger
 
-__all__ = ["reset_after_fork"]
+__all__ = ["keep_forever", "reset_after_fork"]
 
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# The parent's CUDA objects (pinned buffers, events) that a child drops: never freed there.
+# Freeing one calls into CUDA, which fails in a forked child, and the error escapes a C++
+# destructor: the child aborts (SIGABRT; checked with torch 2.11 on an H100). Held, they cost
+# nothing, and a child that leaves by os._exit (as multiprocessing's do) never frees them.
+_INHERITED: list[Any] = []
+
+
+def keep_forever(obj: Any) -> None:
+    """Keep `obj` referenced for the rest of this (forked child) process."""
+    _INHERITED.append(obj)
 
 
 def reset_after_fork(obj: Any) -> None:

@@ -26,7 +26,7 @@ from .collector import SpecDecodeCollector
 from .config import HooksConfig
 from .cuda_timing import CudaEventTimer
 from .drops import DropCounter, InputRejected, StrictModeError, logger
-from .forking import reset_after_fork
+from .forking import keep_forever, reset_after_fork
 from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from .pending import PendingSteps
 from .record import StepRecord
@@ -308,8 +308,10 @@ class SpecDecodeHooks:
 
     def _reset_after_fork(self) -> None:
         """In a forked child: drop the open step, the steps waiting for device results and
-        the pinned buffers and events (CUDA cannot be used in a forked child), and restart
-        outlier estimates and the trace rate limit; the collector resets itself."""
+        the pinned buffers and events (CUDA cannot be used in a forked child; they are set
+        aside unfreed, see forking.py), and restart outlier estimates and the trace rate
+        limit; the collector resets itself."""
+        keep_forever(self._record)
         self._record = None
         self._open = -1
         self._steps = 0

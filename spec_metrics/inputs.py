@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .drops import InputRejected
+from .forking import keep_forever
 
 __all__ = ["DeviceArray", "PinnedPool", "to_counts", "to_draft_tokens", "summarize",
            "AcceptSummary"]
@@ -37,7 +38,8 @@ class PinnedPool:
         self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
 
     def _reset_after_fork(self) -> None:
-        """In a forked child: drop the parent's buffers (CUDA is unusable after fork)."""
+        """In a forked child: set the parent's buffers aside, unfreed (forking.py says why)."""
+        keep_forever((self._free, self._cooling))
         self._free = {}
         self._cooling = []
 

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Callable
 
 from .cuda_timing import wait_events
+from .forking import keep_forever
 from .inputs import DeviceArray
 from .record import StepRecord
 
@@ -28,8 +29,9 @@ class PendingSteps:
         self._queue: deque[StepRecord] = deque()
 
     def _reset_after_fork(self) -> None:
-        """In a forked child: forget the parent's queued steps, unread (their device data
-        cannot be read here, and the parent reports them)."""
+        """In a forked child: set the parent's queued steps aside, unread and unfreed (their
+        device data cannot be read nor freed here, see forking.py; the parent reports them)."""
+        keep_forever(self._queue)
         self._queue = deque()
 
     def __len__(self) -> int:

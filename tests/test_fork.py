@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 import urllib.request
+from collections import deque
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 import spec_metrics
 from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.exposition import render
+from spec_metrics.forking import _INHERITED
 from spec_metrics.record import StepRecord
 
 from .conftest import run_step
@@ -170,12 +172,14 @@ def test_child_starts_fresh_even_when_parent_threads_hold_the_locks(
             om = render(registry, openmetrics_latest).decode()
             mark_rendered_shown()  # what the /metrics app does after an OpenMetrics reply
             mine = [format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()]
+            kept = any(isinstance(held, deque) and waiting in held for held in _INHERITED)
             return {"totals": totals(om), "own_traces": sorted(set(mine) - known),
-                    "queued_at_start": queued}
+                    "queued_at_start": queued, "waiting_kept": kept}
 
         result = run_in_child(child)
 
     assert result["queued_at_start"] == [0, 0]  # no parent step deferred or pending
+    assert result["waiting_kept"]  # set aside, never freed in the child (CUDA would abort)
     got = result["totals"]
     assert got["spec_decode_drafts_total"] == 5.0
     assert got["spec_decode_draft_tokens_total"] == 15.0
@@ -336,3 +340,27 @@ def test_a_live_child_does_not_keep_the_parents_port_after_the_parent_closes(reg
                 os.waitpid(pid, 0)
                 break
             time.sleep(0.01)
+
+
+def test_child_of_a_cuda_engine_survives_the_reset(registry, make_hooks):
+    """Freeing the parent's pinned buffers or CUDA events in a forked child aborts it
+    (SIGABRT): the reset must set them aside. Runs where torch sees a GPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    hooks = make_hooks(timer="cuda")
+    hooks.warm_up_device(8)
+    for _ in range(3):
+        run_step(hooks, None, torch.tensor([1, 2], device="cuda"), 4)
+    torch.cuda.synchronize()
+
+    def child() -> dict:
+        # CPU counts and CPU timer through a twin sharing the collector: no CUDA call here.
+        twin = spec_metrics.SpecDecodeHooks("eagle", collector=hooks.collector,
+                                            max_draft_tokens=4)
+        run_step(twin, None, [3], 4)
+        return totals(render(registry, openmetrics_latest).decode())
+
+    got = run_in_child(child)  # an abort during the reset leaves no result: the test fails
+    assert got["spec_decode_accepted_tokens_total"] == 3.0
+    assert got["spec_decode_drafts_total"] == 1.0
