@@ -41,5 +41,15 @@ __all__ = [
     "rank_resource",
     "start_rank_http_server",
     "scrape_config",
+    "SpanExportProcessor",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The span processor imports the OpenTelemetry SDK: loaded on first use only.
+    if name == "SpanExportProcessor":
+        from .spans import SpanExportProcessor
+
+        return SpanExportProcessor
+    raise AttributeError(f"module 'spec_metrics' has no attribute {name!r}")

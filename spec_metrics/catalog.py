@@ -13,6 +13,9 @@ __all__ = [
     "MetricSpec",
     "METRICS",
     "VLLM_COMPAT_METRICS",
+    "SPAN_EXPORT_METRICS",
+    "SPAN_DROP_REASONS",
+    "OTHER_LABEL_VALUE",
     "STAGES",
     "DROP_REASONS",
     "DEFAULT_STAGE_BUCKETS",
@@ -132,6 +135,29 @@ METRICS: tuple[MetricSpec, ...] = (
         "Hook inputs spec_metrics rejected instead of recording, by reason.",
         "", ("reason",),
     ),
+    MetricSpec(
+        "spec_metrics_label_values_folded_total", "counter",
+        "Steps recorded under the label value \"other\" because the label already had its "
+        "maximum number of distinct values (max_methods), by label.",
+        "", ("label",),
+    ),
+)
+
+# Label value that steps of methods beyond `max_methods` are recorded under.
+OTHER_LABEL_VALUE = "other"
+
+# Spans of spec_metrics' own export pipeline (spans.py), one set per process: they carry no
+# constant labels and no `method`, since the export queue is shared by every hooks object.
+SPAN_DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "shutdown")
+SPAN_EXPORT_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("spec_metrics_spans_exported_total", "counter",
+               "Spans the exporter accepted (spec_metrics.SpanExportProcessor).", "", (),
+               const_labels=False),
+    MetricSpec("spec_metrics_spans_dropped_total", "counter",
+               "Spans lost before export, by reason: queue_full (the bounded queue was full), "
+               "export_failed (the exporter returned failure, e.g. the collector is down), "
+               "shutdown (still queued when shutdown ran out of time).", "", ("reason",),
+               const_labels=False),
 )
 
 # vLLM's own speculative-decoding counters (vllm/v1/spec_decode/metrics.py, SpecDecodingProm),
@@ -162,13 +188,13 @@ def by_name(name: str) -> MetricSpec:
         raise KeyError(f"{name!r} is not in the spec_metrics catalog") from None
 
 
-def markdown_table() -> str:
-    """The catalog as a Markdown table, for the README and docs."""
+def markdown_table(specs: tuple[MetricSpec, ...] | None = None) -> str:
+    """The catalog (or `specs`) as a Markdown table, for the README and docs."""
     rows = [
         "| metric | type | unit | labels | help |",
         "|---|---|---|---|---|",
     ]
-    for spec in METRICS:
+    for spec in METRICS if specs is None else specs:
         labels = ", ".join(f"`{label}`" for label in spec.labels)
         if spec.const_labels:
             labels += ", constant labels"

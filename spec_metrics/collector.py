@@ -26,6 +26,7 @@ from .catalog import (
     DEFAULT_STAGE_BUCKETS,
     DEFAULT_STEP_BUCKETS,
     METRICS,
+    OTHER_LABEL_VALUE,
     STAGES,
     MetricSpec,
 )
@@ -61,6 +62,7 @@ class Snapshot(NamedTuple):
     #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
     series: list[tuple]
     drops: dict[str, int]
+    folded: int  # steps recorded under method="other"
 
 
 class PrerenderRequest:
@@ -139,10 +141,13 @@ class SpecDecodeCollector(Collector):
         step_buckets: Sequence[float] = DEFAULT_STEP_BUCKETS,
         drops: DropCounter | None = None,
         exemplar_hold_seconds: float = 60.0,
+        max_methods: int = 32,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.const_labels = dict(labels or {})
         self.max_draft_tokens = max_draft_tokens
+        self.max_methods = max_methods
+        self.folded = 0  # steps recorded under method="other" (cardinality cap)
         self.stage_buckets = tuple(stage_buckets)
         self.step_buckets = tuple(step_buckets)
         self.drops = drops or DropCounter()
@@ -156,6 +161,7 @@ class SpecDecodeCollector(Collector):
         # Text prefixes per method, family headers per format (True: OpenMetrics).
         self._texts: dict[str, SeriesText] = {}
         self._drop_prefixes: dict[str, str] = {}
+        self._folded_prefix: str | None = None
         self._headers = {om: [family_header(self._family(spec), om) for spec in METRICS]
                          for om in (True, False)}
         if registry is not None:
@@ -167,6 +173,7 @@ class SpecDecodeCollector(Collector):
         parent may have held the old one; it does not exist here). Stays registered."""
         self._lock = threading.Lock()
         self._series = {}
+        self.folded = 0
         self._deferred = deque()
         self._texts = {}
         self._drop_prefixes = {}
@@ -177,6 +184,9 @@ class SpecDecodeCollector(Collector):
         """Another hooks object shares this collector: refuse settings it would ignore
         (labels and buckets are the collector's; `explicit` names the options passed)."""
         mismatches = []
+        if "max_methods" in explicit and config.max_methods != self.max_methods:
+            mismatches.append(f"max_methods={config.max_methods} "
+                              f"(collector: {self.max_methods})")
         if self.max_draft_tokens != config.max_draft_tokens:
             mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
                               f"(collector: {self.max_draft_tokens})")
@@ -201,6 +211,10 @@ class SpecDecodeCollector(Collector):
     def _series_locked(self, method: str) -> _Series:
         series = self._series.get(method)
         if series is None:
+            if len(self._series) >= self.max_methods and method != OTHER_LABEL_VALUE:
+                # Cardinality cap: one more method would be one more set of ~130 series.
+                self.folded += 1
+                return self._series_locked(OTHER_LABEL_VALUE)
             series = self._series[method] = _Series(
                 self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
         return series
@@ -318,6 +332,7 @@ class SpecDecodeCollector(Collector):
                 for method, series in self._series.items()
             ]
             drops = dict(self.drops.counts)
+            folded = self.folded
         series_data = []
         for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
             summary = AcceptSummary(accepted_hist, draft_hist)
@@ -325,7 +340,7 @@ class SpecDecodeCollector(Collector):
                       summary.per_position(draft_hist), summary.per_position(accepted_hist))
             series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
                                 counter_ex, totals))
-        return Snapshot(series_data, drops)
+        return Snapshot(series_data, drops, folded)
 
     def collect(self) -> Iterator[Metric]:
         if getattr(_RENDER_REQUEST, "active", False):
@@ -358,6 +373,8 @@ class SpecDecodeCollector(Collector):
                     families[name].add_metric([method, position, *const], float(value))
         for reason, value in snapshot.drops.items():
             families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))
+        families["spec_metrics_label_values_folded_total"].add_metric(
+            ["method", *const], float(snapshot.folded))
         yield from families.values()
 
     def render_text(self, openmetrics: bool) -> str:
@@ -376,8 +393,12 @@ class SpecDecodeCollector(Collector):
             if reason not in drop_prefixes:
                 labels = label_text({"reason": reason, **self.const_labels})
                 drop_prefixes[reason] = f"spec_metrics_dropped_total{labels} "
+        if self._folded_prefix is None:
+            labels = label_text({"label": "method", **self.const_labels})
+            self._folded_prefix = f"spec_metrics_label_values_folded_total{labels} "
         out: list[str] = []
-        render_snapshot(snapshot, texts, headers, drop_prefixes, openmetrics, out)
+        render_snapshot(snapshot, texts, headers, drop_prefixes, self._folded_prefix,
+                        openmetrics, out)
         return "".join(out)
 
     def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:

@@ -81,6 +81,9 @@ class HooksConfig:
     # Steps whose device results (CUDA tensors) are not ready yet; beyond this the oldest
     # is dropped rather than waiting on the device.
     max_pending_steps: int = 256
+    # Distinct `method` label values a collector keeps; steps of further methods are
+    # recorded under method="other" and counted in spec_metrics_label_values_folded_total.
+    max_methods: int = 32
     # "cpu": perf_counter_ns at the hooks. "cuda": CUDA events recorded at the hooks and
     # read once completed, for stages whose work runs on the GPU.
     timer: str = "cpu"
@@ -160,6 +163,8 @@ class HooksConfig:
         _check(self.timer in ("cpu", "cuda"), f"timer must be 'cpu' or 'cuda', got {self.timer!r}")
         _check(self.max_pending_steps >= 1,
                f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
+        _check(isinstance(self.max_methods, int) and self.max_methods >= 1,
+               f"max_methods must be an integer >= 1, got {self.max_methods!r}")
         _check(self.max_traced_steps_per_second > 0,
                "max_traced_steps_per_second must be > 0, "
                f"got {self.max_traced_steps_per_second!r}")

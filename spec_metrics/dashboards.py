@@ -45,6 +45,7 @@ EMITTED_TOKENS = by_name("spec_decode_emitted_tokens_total")
 DRAFT_POS = by_name("spec_decode_draft_tokens_per_position_total")
 ACCEPTED_POS = by_name("spec_decode_accepted_tokens_per_position_total")
 DROPPED = by_name("spec_metrics_dropped_total")
+FOLDED = by_name("spec_metrics_label_values_folded_total")
 
 
 @functools.cache
@@ -268,8 +269,11 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
                     [_target(q.rate(DRAFTS.name, "method"), "A", "{{method}} drafts/s"),
                      _target(steps, "B", "{{method}} steps/s")], w=8),
         _timeseries("Dropped observations by reason",
-                    f"`{DROPPED.name}`: hook inputs rejected instead of recorded.", "short",
-                    [_target(q.rate(DROPPED.name, "reason"), "A", "{{reason}}")], w=8),
+                    f"`{DROPPED.name}`: hook inputs rejected instead of recorded; "
+                    f"`{FOLDED.name}`: steps recorded under method=\"other\" because "
+                    "max_methods was reached.", "short",
+                    [_target(q.rate(DROPPED.name, "reason"), "A", "{{reason}}"),
+                     _target(q.rate(FOLDED.name, "label"), "B", "folded {{label}}")], w=8),
     ]))
 
     dash = (g.db.Dashboard(DASHBOARD_TITLE).uid(DASHBOARD_UID)

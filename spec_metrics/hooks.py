@@ -82,7 +82,8 @@ class SpecDecodeHooks:
                     config.labels, max_draft_tokens=config.max_draft_tokens,
                     stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
                     drops=DropCounter(config.warn_interval_seconds),
-                    exemplar_hold_seconds=config.exemplar_hold_seconds, registry=target,
+                    exemplar_hold_seconds=config.exemplar_hold_seconds,
+                    max_methods=config.max_methods, registry=target,
                 )
             except ValueError as exc:
                 raise ValueError(
@@ -140,8 +141,17 @@ class SpecDecodeHooks:
                              "begin_step() called before end_step() closed the previous step; "
                              "the previous step was closed now")
                 self._close_record()
+            request_ids = self._per_request("request_ids", request_ids)
+            traceparents = self._per_request("traceparents", traceparents)
+            if batch_size is not None and (isinstance(batch_size, bool)
+                                           or not hasattr(batch_size, "__index__")
+                                           or batch_size < 0):
+                self._reject("begin_step", "wrong_type", "batch_size must be an int >= 0, got "
+                                                          f"{_short(batch_size)}; ignored")
+                batch_size = None
             sizes = {len(x) for x in (request_ids, traceparents) if x is not None}
             if batch_size is not None:
+                batch_size = int(batch_size)
                 sizes.add(batch_size)
             if len(sizes) > 1:
                 self._reject("begin_step", "wrong_shape",
@@ -387,6 +397,21 @@ class SpecDecodeHooks:
                      f"{STAGES[stage]} was started and never ended before {hook}(); "
                      f"that {STAGES[stage]} stage was dropped")
 
+    def _per_request(self, name: str, value: Any) -> Any:
+        """`value` if it is a sequence with one entry per request, else rejected and None (a
+        string is one value, not a sequence of requests)."""
+        if value is None:
+            return None
+        if not isinstance(value, (str, bytes)):
+            try:
+                len(value)
+                return value
+            except TypeError:
+                pass
+        self._reject("begin_step", "wrong_type", f"{name} must be a sequence with one entry per "
+                                                  f"request, got {_short(value)}; ignored")
+        return None
+
     def _close_record(self) -> None:
         record = self._record
         self._record = None
@@ -419,6 +444,11 @@ _HOOK_NAMES = ("begin_step", "end_step", "draft_start", "draft_end", "verify_sta
 _NOOPS = {name: _noop for name in _HOOK_NAMES}
 _NOOPS["begin_step"] = _noop_begin_step
 _NOOPS["verify_end"] = _noop_verify_end
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _length(value: Any) -> int:

@@ -148,8 +148,8 @@ def to_counts(value: Any, what: str, batch_size: int | None,
         try:
             array = np.asarray(value)
         except (ValueError, TypeError) as exc:
-            raise InputRejected("wrong_type",
-                                f"{what} could not be read as an array: {exc}") from None
+            raise InputRejected("wrong_type", f"{what} could not be read as an array "
+                                              f"({exc}): {_short(value)}") from None
     else:
         raise InputRejected(
             "wrong_type",
@@ -177,17 +177,27 @@ def _check_length(length: int, what: str, batch_size: int | None) -> None:
 
 def _check_array(array: np.ndarray, what: str) -> np.ndarray:
     kind = array.dtype.kind
-    if kind in "iu":
+    if kind == "i" or (kind in "uf" and not array.size):
         pass
-    elif kind == "f":
-        if array.size and not np.isfinite(array).all():
-            raise InputRejected("non_finite", f"{what} contains NaN or infinity: {_short(array)}")
-        if array.size and (array != np.trunc(array)).any():
-            raise InputRejected("wrong_type",
-                                f"{what} must hold whole numbers, got {_short(array)}")
-        if array.size and (array.min() < -1e15 or array.max() > 1e15):
+    elif kind == "u":
+        # uint64 above int64's range would wrap to negative numbers in astype(int64).
+        if array.dtype.itemsize == 8 and int(array.max()) > _INT64_MAX:
             raise InputRejected("wrong_type", f"{what} holds values too large to be token counts: "
-                                                f"{_short(array)}")
+                                f"{_first(array, array > _INT64_MAX, what)}")
+    elif kind == "f":
+        if array.dtype.itemsize < 4:
+            array = array.astype(np.float64)  # float16 cannot hold 1e15: the bound would overflow
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise InputRejected("non_finite", f"{what} contains NaN or infinity: "
+                                f"{_first(array, ~finite, what)}")
+        fraction = array != np.trunc(array)
+        if fraction.any():
+            raise InputRejected("wrong_type", f"{what} must hold whole numbers, got "
+                                f"{_first(array, fraction, what)}")
+        if array.min() < -1e15 or array.max() > 1e15:
+            raise InputRejected("wrong_type", f"{what} holds values too large to be token counts: "
+                                f"{_first(array, np.abs(array) > 1e15, what)}")
     else:
         raise InputRejected("wrong_type", f"{what} has dtype {array.dtype}; pass integer counts")
     if array.dtype != np.int64:
@@ -232,7 +242,7 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
     """Check accepted counts against draft tokens and reduce both to histograms."""
     n = accepted.shape[0]
     size = max_k + 1
-    hi = _max_non_negative(accepted, "accepted counts") if n else 0
+    hi = _max_non_negative(accepted, "accepted") if n else 0
     if isinstance(draft_tokens, np.ndarray):
         if draft_tokens.shape[0] != n:
             raise InputRejected("wrong_shape", f"draft_tokens has {draft_tokens.shape[0]} entries "
@@ -261,8 +271,8 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
                                 f"max_draft_tokens={max_k}; raise max_draft_tokens")
         if hi > k:
             i = int(np.argmax(accepted > k))
-            raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted {hi} of "
-                                f"{k} draft tokens")
+            raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted "
+                                f"{int(accepted[i])} of {k} draft tokens")
         draft_hist = np.zeros(size, dtype=np.int64)
         draft_hist[k] = n
         if k == 0:
@@ -275,8 +285,19 @@ def _max_non_negative(values: np.ndarray, what: str) -> int:
     """The largest value, in one pass: viewed as unsigned, negatives wrap above 2**63."""
     top = int(np.maximum.reduce(values.view(np.uint64)))
     if top >= 1 << 63:
-        raise InputRejected("negative", f"{what} must be >= 0, got {int(values.min())}")
+        raise InputRejected("negative",
+                            f"{what} must be >= 0, got {_first(values, values < 0, what)}")
     return top
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _first(array: np.ndarray, bad: np.ndarray, what: str) -> str:
+    """`what[i]=value` for the first flagged entry: the message names the offending value
+    even when the array is too long for its repr to show it."""
+    index = int(np.argmax(bad))
+    return f"{what}[{index}]={array[index].item()!r} ({_short(array)})"
 
 
 def to_draft_tokens(value: Any, batch_size: int | None,

@@ -7,40 +7,43 @@ standard `OTEL_*` variables keep working: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_AT
 no endpoint is given on the command line.
 
 The provider's `shutdown()` — which the SDK also runs at interpreter exit — returns within
-`shutdown_timeout` seconds even when the OTLP endpoint is down: the SDK's own can take up to
-30 s per BatchSpanProcessor (retries with backoff, see docs/reliability.md).
+`shutdown_timeout` seconds even when the span endpoint is down, where the SDK's alone can
+take up to 30 s per BatchSpanProcessor (retries with backoff, see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from .drops import logger
+from .spans import SpanExportProcessor
 
 __all__ = ["BoundedShutdownTracerProvider", "DEFAULT_SHUTDOWN_TIMEOUT_S", "make_tracer_provider"]
 
 _EXTRA = "pip install 'spec_metrics[demo]'"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
-# After the deadline the exporters are shut down, which ends their retry waits at once; a
-# request already on the wire (black-holed endpoint) is left to its daemon thread.
+# Past the deadline the exporters are shut down, which ends their retry waits at once; this
+# long more is granted for that. A request already on the wire (black-holed endpoint) is
+# left to its daemon thread.
 _ABANDON_GRACE_S = 1.0
 
 
 class BoundedShutdownTracerProvider(TracerProvider):
     """An SDK TracerProvider whose `shutdown()` and `force_flush(timeout_millis)` return
-    within their deadline whatever the exporters do.
+    by their deadline whatever the exporters do.
 
-    The SDK's shutdown (also run at exit) waits for the BatchSpanProcessor's worker for up
-    to 30 s, and its force_flush ignores its timeout, while the OTLP exporter retries an
-    unreachable endpoint with backoff. Here both run on a helper thread; past the deadline
-    shutdown() shuts the exporters down (ending their retries), logs what was given up and
-    returns. Spans not exported by then are lost, as they would be anyway.
+    The SDK's shutdown (also run at exit) waits for a BatchSpanProcessor's worker for up to
+    30 s and its force_flush ignores its timeout, while the OTLP exporter retries an
+    unreachable endpoint with backoff. Here both run on a helper thread; past the deadline,
+    shutdown() shuts the exporters down (ending their retries), logs it and returns. Spans
+    not exported by then are lost, as they would be anyway.
     """
 
     def __init__(self, *args: Any, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -52,13 +55,17 @@ class BoundedShutdownTracerProvider(TracerProvider):
         self._exporters: list[Any] = []
 
     def add_span_processor(self, span_processor: Any) -> None:
-        exporter = getattr(span_processor, "span_exporter", None)  # SDK Batch/Simple processors
+        # The SDK's Batch/Simple processors expose `span_exporter`; SpanExportProcessor
+        # (ours) keeps it as `_exporter`.
+        exporter = (getattr(span_processor, "span_exporter", None)
+                    or getattr(span_processor, "_exporter", None))
         if exporter is not None:
             self._exporters.append(exporter)
         super().add_span_processor(span_processor)
 
     def shutdown(self) -> None:
-        if _within(super().shutdown, self.shutdown_timeout, "spec-metrics-otel-shutdown"):
+        done = _in_thread(super().shutdown, "spec-metrics-otel-shutdown")
+        if done.wait(self.shutdown_timeout):
             return
         logger.warning("spec_metrics: spans not exported within %gs at tracer provider "
                        "shutdown (is the span endpoint down?); the rest are dropped",
@@ -68,18 +75,17 @@ class BoundedShutdownTracerProvider(TracerProvider):
                 exporter.shutdown()
             except Exception:  # already shut down, or failing: we are leaving anyway
                 pass
-        _within(lambda: None, _ABANDON_GRACE_S, "spec-metrics-otel-abandon")
+        done.wait(_ABANDON_GRACE_S)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         flush = super().force_flush
         result: list[bool] = []
-        finished = _within(lambda: result.append(flush(timeout_millis)), timeout_millis / 1000,
-                           "spec-metrics-otel-flush")
-        return finished and bool(result and result[0])
+        done = _in_thread(lambda: result.append(flush(timeout_millis)), "spec-metrics-otel-flush")
+        return done.wait(timeout_millis / 1000) and bool(result and result[0])
 
 
-def _within(call: Any, seconds: float, name: str) -> bool:
-    """Run `call` on a daemon thread; whether it finished within `seconds`."""
+def _in_thread(call: Callable[[], Any], name: str) -> threading.Event:
+    """Run `call` on a daemon thread; the event is set when it returns or raises."""
     done = threading.Event()
 
     def run() -> None:
@@ -90,9 +96,9 @@ def _within(call: Any, seconds: float, name: str) -> bool:
 
     try:
         threading.Thread(target=run, name=name, daemon=True).start()
-    except RuntimeError:  # no new threads this late in interpreter shutdown: run unbounded
+    except RuntimeError:  # no new threads this late in interpreter shutdown: run it here
         run()
-    return done.wait(seconds)
+    return done
 
 
 def make_tracer_provider(
@@ -100,10 +106,11 @@ def make_tracer_provider(
     traces_file: str | None = None,
     otlp_endpoint: str | None = None,
     environ: Mapping[str, str] | None = None,
+    registry: CollectorRegistry | None = REGISTRY,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
 ) -> BoundedShutdownTracerProvider:
     """A provider exporting to a file and/or OTLP/HTTP; its shutdown (explicit or at exit)
-    takes at most `shutdown_timeout` seconds (+1 s if an export must be abandoned)."""
+    takes at most `shutdown_timeout` seconds (+1 s when an export must be abandoned)."""
     environ = os.environ if environ is None else environ
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
     provider = BoundedShutdownTracerProvider(resource=Resource.create(attributes),
@@ -129,5 +136,6 @@ def make_tracer_provider(
             exporter = OTLPSpanExporter(endpoint=url)
         else:
             exporter = OTLPSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        # Ours: bounded queue, never blocks the engine, counts lost spans on /metrics.
+        provider.add_span_processor(SpanExportProcessor(exporter, registry=registry))
     return provider

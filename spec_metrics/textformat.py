@@ -103,9 +103,10 @@ class SeriesText:
 
 def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
                     headers: Sequence[str], drop_prefixes: Mapping[str, str],
-                    openmetrics: bool, out: list[str]) -> None:
+                    folded_prefix: str, openmetrics: bool, out: list[str]) -> None:
     """Append the collector's families, in the order collect() yields them: stage, step,
-    accepted length, the 4 counters, the 2 per-position counters, dropped input."""
+    accepted length, the 4 counters, the 2 per-position counters, dropped input, folded
+    label values."""
     series = [(texts[method], data) for method, *data in snapshot.series]
     keep = openmetrics  # only OpenMetrics carries exemplars
     out.append(headers[0])
@@ -135,3 +136,5 @@ def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
     out.append(headers[9])
     for reason, value in snapshot.drops.items():
         out.append(f"{drop_prefixes[reason]}{format_count(value)}\n")
+    out.append(headers[10])
+    out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")

@@ -29,6 +29,7 @@ from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.exposition import render
 from spec_metrics.forking import _INHERITED
 from spec_metrics.record import StepRecord
+from spec_metrics.spans import SpanExportProcessor
 
 from .conftest import run_step
 
@@ -241,12 +242,15 @@ class PidFileExporter(SpanExporter):
         pass
 
 
-def test_spans_queued_at_fork_are_exported_once_by_the_parent_only(tmp_path, registry):
+@pytest.mark.parametrize("processor", [BatchSpanProcessor, SpanExportProcessor])
+def test_spans_queued_at_fork_are_exported_once_by_the_parent_only(tmp_path, registry,
+                                                                   processor):
     path = str(tmp_path / "spans.txt")
     provider = TracerProvider(shutdown_on_exit=False)
     # A long delay: the parent's spans are still queued in the processor at fork time.
-    provider.add_span_processor(BatchSpanProcessor(PidFileExporter(path),
-                                                   schedule_delay_millis=600_000))
+    options = {"registry": None} if processor is SpanExportProcessor else {}
+    provider.add_span_processor(processor(PidFileExporter(path), schedule_delay_millis=600_000,
+                                          **options))
     traced: list[str] = []
     hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracer_provider=provider,
                                          trace_ratio=1.0, max_draft_tokens=4,

@@ -110,8 +110,12 @@ def test_demo_end_to_end_collapse_spikes_exemplars(tmp_path, target):
                     assert spans[key]["name"] == "spec_decode.verify"
                     high.append(key)
     assert len(set(high)) >= 2
+    # The spikes are traced as slow (above --slow-ms) or as outliers (above the running
+    # p99.9), whichever fires; how many ordinary steps count as outliers depends on the
+    # machine's load (tests/test_traceparent_outliers.py checks the quantile exactly).
     outliers = [s for s in spans.values() if s["name"] == "spec_decode.step" and any(
-        a["key"] == "spec_decode.sample_reason" and a["value"]["stringValue"] == "outlier"
+        a["key"] == "spec_decode.sample_reason" and a["value"]["stringValue"] in ("outlier",
+                                                                                "slow")
         for a in s["attributes"])]
     assert len(outliers) >= 2
 
