@@ -32,6 +32,7 @@ from .catalog import (
 )
 from .drops import DropCounter
 from .exemplars import ExemplarSlots, RenderLog
+from .forking import reset_after_fork
 from .inputs import AcceptSummary
 from .textformat import SeriesText, family_header, label_text, render_snapshot
 
@@ -165,6 +166,19 @@ class SpecDecodeCollector(Collector):
                          for om in (True, False)}
         if registry is not None:
             registry.register(self)
+        reset_after_fork(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: start from zero, with a new lock (a scrape thread of the
+        parent may have held the old one; it does not exist here). Stays registered."""
+        self._lock = threading.Lock()
+        self._series = {}
+        self.folded = 0
+        self._deferred = deque()
+        self._texts = {}
+        self._drop_prefixes = {}
+        self._render_log._reset_after_fork(self._lock)
+        self.drops._reset_after_fork()
 
     def check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
         """Another hooks object shares this collector: refuse settings it would ignore

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .forking import keep_forever
+
 __all__ = ["CudaEventTimer"]
 
 
@@ -23,6 +25,11 @@ class CudaEventTimer:
                              "none; use timer='cpu'")
         self._torch = torch
         self._free: list[Any] = []
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: set the parent's events aside, unfreed (forking.py says why)."""
+        keep_forever(self._free)
+        self._free = []
 
     def mark(self) -> Any:
         """Record an event on the current stream now (asynchronous)."""

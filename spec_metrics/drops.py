@@ -41,6 +41,13 @@ class DropCounter:
         self._since_warned: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._lock = threading.Lock()
 
+    def _reset_after_fork(self) -> None:
+        """In a forked child (the collector's reset): zero counts and a new lock."""
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(DROP_REASONS, 0)
+        self._last_warned = {}
+        self._since_warned = dict.fromkeys(DROP_REASONS, 0)
+
     def reject(self, hook: str, reason: str, message: str, strict: bool = False) -> None:
         """Count one rejected input; raise ValueError in strict mode, else warn (rate limited)."""
         if reason not in self.counts:

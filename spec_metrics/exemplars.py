@@ -77,6 +77,11 @@ class RenderLog:
         self._local = threading.local()
         RenderLog._instances.add(self)
 
+    def _reset_after_fork(self, lock: Any) -> None:
+        """In a forked child (the collector's reset): its new lock, nothing recorded."""
+        self._lock = lock
+        self._local = threading.local()
+
     def record(self, entries: list[tuple[ExemplarSlots, int, Exemplar]]) -> None:
         self._local.entries = entries
 

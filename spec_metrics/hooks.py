@@ -26,6 +26,7 @@ from .collector import SpecDecodeCollector
 from .config import HooksConfig
 from .cuda_timing import CudaEventTimer
 from .drops import DropCounter, InputRejected, StrictModeError, logger
+from .forking import keep_forever, reset_after_fork
 from .inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from .pending import PendingSteps
 from .record import StepRecord
@@ -112,6 +113,7 @@ class SpecDecodeHooks:
                                      self._reject)
         self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
         self._step_scope = StepScope(self)
+        reset_after_fork(self)
         if not self._on:
             # Disabled is decided here, once: each hook becomes a plain no-op function on the
             # instance, cheaper to call than a method that checks a flag.
@@ -313,6 +315,22 @@ class SpecDecodeHooks:
             self._registered_in.unregister(self.collector)
             self._registered_in = None
         self._on = False
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: drop the open step, the steps waiting for device results and
+        the pinned buffers and events (CUDA cannot be used in a forked child; they are set
+        aside unfreed, see forking.py), and restart outlier estimates and the trace rate
+        limit; the collector resets itself."""
+        keep_forever(self._record)
+        self._record = None
+        self._open = -1
+        self._steps = 0
+        self._pending._reset_after_fork()
+        self._pinned._reset_after_fork()
+        if self._gpu is not None:
+            self._gpu._reset_after_fork()
+        if self._tracer is not None:
+            self._tracer._reset_after_fork()
 
     # ---- internals ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .drops import InputRejected
+from .forking import keep_forever
 
 __all__ = ["DeviceArray", "PinnedPool", "to_counts", "to_draft_tokens", "summarize",
            "AcceptSummary"]
@@ -35,6 +36,12 @@ class PinnedPool:
     def __init__(self) -> None:
         self._free: dict[Any, list[Any]] = {}
         self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: set the parent's buffers aside, unfreed (forking.py says why)."""
+        keep_forever((self._free, self._cooling))
+        self._free = {}
+        self._cooling = []
 
     def take(self, length: int, dtype: Any) -> Any:
         if self._cooling:

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Callable
 
 from .cuda_timing import wait_events
+from .forking import keep_forever
 from .inputs import DeviceArray
 from .record import StepRecord
 
@@ -26,6 +27,12 @@ class PendingSteps:
         self._limit = limit
         self._reject = reject
         self._queue: deque[StepRecord] = deque()
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: set the parent's queued steps aside, unread and unfreed (their
+        device data cannot be read nor freed here, see forking.py; the parent reports them)."""
+        keep_forever(self._queue)
+        self._queue = deque()
 
     def __len__(self) -> int:
         return len(self._queue)

@@ -26,6 +26,7 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from .auth import CHALLENGE, BasicAuth
 from .exemplars import mark_rendered_shown
 from .exposition import metrics_response
+from .forking import reset_after_fork
 from .listener import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT,
@@ -191,6 +192,16 @@ class MetricsServer:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="spec-metrics-http", daemon=True)
         self._thread.start()
+        self._forked = False
+        reset_after_fork(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child no thread serves: close the inherited listening socket (only
+        this process's descriptor; the parent keeps serving) so the port is not held here
+        after the parent closes it, and make close() a no-op (it would wait forever for a
+        serve loop that does not run here). The child starts its own server if it needs one."""
+        self._forked = True
+        self._server.socket.close()
 
     @property
     def url(self) -> str:
@@ -205,6 +216,8 @@ class MetricsServer:
             return dict(self._server.counts)
 
     def close(self) -> None:
+        if self._forked:
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

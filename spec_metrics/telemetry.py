@@ -5,23 +5,100 @@ the format the Collector's file exporter writes), to an OTLP/HTTP endpoint, or b
 standard `OTEL_*` variables keep working: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, and `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` when
 no endpoint is given on the command line.
+
+The provider's `shutdown()` — which the SDK also runs at interpreter exit — returns within
+`shutdown_timeout` seconds even when the span endpoint is down, where the SDK's alone can
+take up to 30 s per BatchSpanProcessor (retries with backoff, see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import threading
+from typing import Any, Callable, Mapping
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
+from .drops import logger
 from .spans import SpanExportProcessor
 
-__all__ = ["make_tracer_provider"]
+__all__ = ["BoundedShutdownTracerProvider", "DEFAULT_SHUTDOWN_TIMEOUT_S", "make_tracer_provider"]
 
 _EXTRA = "pip install 'spec_metrics[demo]'"
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+# Past the deadline the exporters are shut down, which ends their retry waits at once; this
+# long more is granted for that. A request already on the wire (black-holed endpoint) is
+# left to its daemon thread.
+_ABANDON_GRACE_S = 1.0
+
+
+class BoundedShutdownTracerProvider(TracerProvider):
+    """An SDK TracerProvider whose `shutdown()` and `force_flush(timeout_millis)` return
+    by their deadline whatever the exporters do.
+
+    The SDK's shutdown (also run at exit) waits for a BatchSpanProcessor's worker for up to
+    30 s and its force_flush ignores its timeout, while the OTLP exporter retries an
+    unreachable endpoint with backoff. Here both run on a helper thread; past the deadline,
+    shutdown() shuts the exporters down (ending their retries), logs it and returns. Spans
+    not exported by then are lost, as they would be anyway.
+    """
+
+    def __init__(self, *args: Any, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        if not shutdown_timeout > 0:
+            raise ValueError(f"shutdown_timeout must be > 0 seconds, got {shutdown_timeout!r}")
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self._exporters: list[Any] = []
+
+    def add_span_processor(self, span_processor: Any) -> None:
+        # The SDK's Batch/Simple processors expose `span_exporter`; SpanExportProcessor
+        # (ours) keeps it as `_exporter`.
+        exporter = (getattr(span_processor, "span_exporter", None)
+                    or getattr(span_processor, "_exporter", None))
+        if exporter is not None:
+            self._exporters.append(exporter)
+        super().add_span_processor(span_processor)
+
+    def shutdown(self) -> None:
+        done = _in_thread(super().shutdown, "spec-metrics-otel-shutdown")
+        if done.wait(self.shutdown_timeout):
+            return
+        logger.warning("spec_metrics: spans not exported within %gs at tracer provider "
+                       "shutdown (is the span endpoint down?); the rest are dropped",
+                       self.shutdown_timeout)
+        for exporter in self._exporters:
+            try:
+                exporter.shutdown()
+            except Exception:  # already shut down, or failing: we are leaving anyway
+                pass
+        done.wait(_ABANDON_GRACE_S)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        flush = super().force_flush
+        result: list[bool] = []
+        done = _in_thread(lambda: result.append(flush(timeout_millis)), "spec-metrics-otel-flush")
+        return done.wait(timeout_millis / 1000) and bool(result and result[0])
+
+
+def _in_thread(call: Callable[[], Any], name: str) -> threading.Event:
+    """Run `call` on a daemon thread; the event is set when it returns or raises."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except RuntimeError:  # no new threads this late in interpreter shutdown: run it here
+        run()
+    return done
 
 
 def make_tracer_provider(
@@ -30,10 +107,14 @@ def make_tracer_provider(
     otlp_endpoint: str | None = None,
     environ: Mapping[str, str] | None = None,
     registry: CollectorRegistry | None = REGISTRY,
-) -> TracerProvider:
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+) -> BoundedShutdownTracerProvider:
+    """A provider exporting to a file and/or OTLP/HTTP; its shutdown (explicit or at exit)
+    takes at most `shutdown_timeout` seconds (+1 s when an export must be abandoned)."""
     environ = os.environ if environ is None else environ
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = BoundedShutdownTracerProvider(resource=Resource.create(attributes),
+                                             shutdown_timeout=shutdown_timeout)
     if traces_file:
         try:
             from opentelemetry.exporter.otlp.json.file import FileSpanExporter

@@ -46,21 +46,29 @@ class TraceSink:
                                         tracer_provider=tracer_provider)
         self._drops = drops
         self._ratio = config.trace_ratio
-        self._random = random.Random()  # our own, so the engine's random state is untouched
         self._slow_stage = [config.slow_stage_limit(s) for s in STAGES]
         self._slow_step = config.slow_step_seconds
-        quantile = config.outlier_quantile
-        self._running = (
-            [RunningQuantile(quantile, config.outlier_min_samples) for _ in range(len(STAGES) + 1)]
-            if quantile is not None else None
-        )
+        self._quantile = config.outlier_quantile
+        self._min_samples = config.outlier_min_samples
         self._rate = config.max_traced_steps_per_second
-        self._tokens = self._rate
-        self._refilled = time.monotonic()
-        self.rate_limited = 0  # steps that qualified but exceeded the rate
+        self._reset_after_fork()
         _warn_if_sampler_drops(tracer_provider)
         # perf_counter_ns -> ns since the epoch, for explicit span times.
         self._epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
+
+    def _reset_after_fork(self) -> None:
+        """Sampling state; anew in a forked child (hooks' reset): a reseeded random source
+        (else parent and child would trace the same steps), fresh outlier estimates and
+        a full token bucket."""
+        self._random = random.Random()  # our own, so the engine's random state is untouched
+        quantile = self._quantile
+        self._running = (
+            [RunningQuantile(quantile, self._min_samples) for _ in range(len(STAGES) + 1)]
+            if quantile is not None else None
+        )
+        self._tokens = self._rate
+        self._refilled = time.monotonic()
+        self.rate_limited = 0  # steps that qualified but exceeded the rate
 
     def decide(self, stage_seconds: Sequence[float | None], step_seconds: float | None,
                request_sampled: bool) -> str | None:
