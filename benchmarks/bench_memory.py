@@ -6,7 +6,8 @@ One engine loop runs `--steps` steps (batch 256, K 4, numpy accepted) through
 SpecDecodeHooks with the defaults: metrics on, tracing at trace_ratio 0.01 plus running-
 quantile outliers, max_traced_steps_per_second 100. Spans go through the SDK's
 spec_metrics.SpanExportProcessor (queue 2048) to the OTLP/HTTP exporter pointed at a loopback port
-nobody listens on (a port bound, then closed), so every export fails for the whole run.
+nobody listens on (a port bound, then closed), so every export fails for the whole run;
+with `--collector up` an OTLP receiver (oteltap, in its own process) listens there instead.
 Every `--every` steps the loop samples RSS (/proc/self/statm), the thread count and the open
 file descriptors, and renders /metrics in OpenMetrics (then marks the exemplars shown, as
 spec_metrics' server does), like a scraper would.
@@ -100,9 +101,15 @@ def sample(step: int, started: float) -> dict[str, Any]:
             "os_threads": os_threads(), "fds": open_fds()}
 
 
-def run(steps: int, every: int, warmup: int, export_timeout: float) -> dict[str, Any]:
+def run(steps: int, every: int, warmup: int, export_timeout: float,
+        collector: str = "down") -> dict[str, Any]:
     port = closed_port()
     endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    receiver = None
+    if collector == "up":  # oteltap in its own process, as a real collector would be
+        from bench_collector_faults import Receiver
+
+        receiver = Receiver(port)
     exporter = CountingExporter(endpoint=endpoint, timeout=export_timeout)
     processor = SpanExportProcessor(exporter, registry=None)  # what spec_metrics ships
     provider = TracerProvider()
@@ -135,12 +142,15 @@ def run(steps: int, every: int, warmup: int, export_timeout: float) -> dict[str,
     t0 = time.perf_counter()
     hooks.close()  # flushes the provider: one more export attempt, bounded by the timeout
     provider.shutdown()
+    if receiver is not None:
+        receiver.close()
     shutdown_s = time.perf_counter() - t0
     after_shutdown = sample(steps, started)
 
     rss = [s["rss_mb"] for s in samples]
     base = next((s for s in samples if s["step"] >= warmup), samples[-1])
     return {
+        "collector": collector,
         "steps": steps, "every": every, "warmup_steps": warmup, "endpoint": endpoint,
         "export_timeout_s": export_timeout, "loop_s": loop_s, "steps_per_s": steps / loop_s,
         "shutdown_s": shutdown_s, "scrape_bytes": scrape_bytes,
@@ -164,8 +174,9 @@ def markdown(r: dict[str, Any]) -> str:
     verdict = "PASS" if r["pass"] else "MISS"
     lines = [
         f"{r['steps']:,} steps, batch {BATCH}, K {K}, metrics + tracing (ratio 0.01 + outliers, "
-        f"≤ 100 traced steps/s), SpanExportProcessor → OTLP/HTTP to {r['endpoint']} (nobody "
-        f"listening), export timeout {r['export_timeout_s']:g} s; an OpenMetrics scrape every "
+        f"≤ 100 traced steps/s), SpanExportProcessor → OTLP/HTTP to {r['endpoint']} "
+        f"({'an OTLP receiver' if r.get('collector') == 'up' else 'nobody'} listening), "
+        f"export timeout {r['export_timeout_s']:g} s; an OpenMetrics scrape every "
         f"{r['every']:,} steps. Loop {r['loop_s']:.1f} s ({r['steps_per_s']:,.0f} steps/s), "
         f"shutdown {r['shutdown_s']:.1f} s.",
         "",
@@ -204,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None,
                         help="steps before the baseline sample (default: 10%% of --steps, "
                              "rounded to --every)")
+    parser.add_argument("--collector", choices=("down", "up"), default="down",
+                        help="down: nobody listens on the OTLP port; up: an oteltap receiver")
     parser.add_argument("--export-timeout", type=float, default=1.0,
                         help="OTLP exporter timeout in seconds (bounds retries and shutdown)")
     parser.add_argument("--json", help="write the results and machine info here")
@@ -219,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "opentelemetry.exporter.otlp.proto.http.trace_exporter",
                  "opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    result = run(args.steps, args.every, warmup, args.export_timeout)
+    result = run(args.steps, args.every, warmup, args.export_timeout, args.collector)
     result["pass"] = result["max_over_warmup_mb"] < TARGET_DELTA_MB
     result["machine"] = machine_info()
     result["command"] = " ".join(["python", *(sys.argv if argv is None else
