@@ -38,7 +38,8 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from spec_metrics import SpecDecodeHooks  # noqa: E402
 from spec_metrics.spans import SpanExportProcessor  # noqa: E402
-from tests.test_collector_faults import HangingCollector, _free_port  # noqa: E402
+from tests.otlp import free_port  # noqa: E402
+from tests.test_collector_faults import HangingCollector  # noqa: E402
 
 BATCH, K = 256, 4
 _RECEIVER = """
@@ -114,7 +115,7 @@ def phase(name: str, seconds: float, hooks: SpecDecodeHooks, processor: SpanExpo
 
 
 def run(seconds: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=2)
     processor = SpanExportProcessor(exporter, registry=None)
     provider = TracerProvider()

@@ -4,11 +4,9 @@ stays bounded; the hooks record every step whatever the collector does; export r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import threading
-from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -19,14 +17,9 @@ import spec_metrics
 from spec_metrics.spans import SpanExportProcessor
 
 from .conftest import run_step, sample_value, scrape
+from .otlp import OtlpReceiver, free_port
 
 SPANS_PER_STEP = 4  # spec_decode.step + draft, verify, draft_extend
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HangingCollector:
@@ -59,41 +52,6 @@ class HangingCollector:
         self._server.close()
 
 
-class Receiver:
-    """oteltap (a real OTLP/HTTP receiver) on its own event loop thread."""
-
-    def __init__(self, port: int) -> None:
-        from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
-
-        self.trace_ids: set[str] = set()
-        self._receiver = OtelTapHttpProtobufReceiver(
-            OtelTapHttpProtobufReceiverSettings(http_port=port))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-
-    async def _start(self) -> None:
-        await self._receiver.start()
-        self._task = asyncio.ensure_future(self._collect())
-        await asyncio.sleep(0)
-
-    async def _collect(self) -> None:
-        async for span in self._receiver.stream_traces():
-            self.trace_ids.add(_hex(span.trace_id))
-
-    def close(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self._receiver.stop(), self._loop).result(30)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-
-
-def _hex(value: Any) -> str:
-    return value.hex() if isinstance(value, (bytes, bytearray)) else str(value)
-
-
 def _spans_metric(registry: CollectorRegistry, reason: str | None) -> float:
     families = scrape(registry)
     if reason is None:
@@ -105,7 +63,7 @@ def _spans_metric(registry: CollectorRegistry, reason: str | None) -> float:
 
 def test_collector_down_then_slow_then_back(clock, caplog) -> None:
     caplog.set_level(logging.CRITICAL, logger="opentelemetry")
-    port = _free_port()
+    port = free_port()
     registry = CollectorRegistry()
     exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=1)
     processor = SpanExportProcessor(exporter, max_queue_size=64, max_export_batch_size=16,
@@ -150,16 +108,12 @@ def test_collector_down_then_slow_then_back(clock, caplog) -> None:
                 == 10 * SPANS_PER_STEP + lost_while_slow)
 
         # 3. Back: a real receiver on the same port; export resumes.
-        receiver = Receiver(port)
+        receiver = OtlpReceiver(port)
         try:
             traced.clear()
             record(5)
             assert processor.force_flush(30_000)
-            for _ in range(100):
-                if set(traced) <= receiver.trace_ids:
-                    break
-                threading.Event().wait(0.1)
-            assert set(traced) <= receiver.trace_ids
+            assert receiver.wait_for_traces(set(traced))
         finally:
             receiver.close()
         assert processor.counts["exported"] == 5 * SPANS_PER_STEP
@@ -180,7 +134,7 @@ def test_collector_down_then_slow_then_back(clock, caplog) -> None:
 
 def test_shutdown_is_bounded_and_counts_what_it_could_not_send(clock, caplog) -> None:
     caplog.set_level(logging.CRITICAL, logger="opentelemetry")
-    port = _free_port()
+    port = free_port()
     hanging = HangingCollector(port)
     try:
         exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=1)

@@ -3,14 +3,12 @@ exits normally, and exiting with the span endpoint down takes a bounded time."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +16,8 @@ import pytest
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from spec_metrics.telemetry import BoundedShutdownTracerProvider
+
+from .otlp import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -64,55 +64,11 @@ def run_child(endpoint: str, mode: str, steps: int = STEPS,
         cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Receiver:
-    """oteltap's OTLP/HTTP receiver on loopback, its event loop on a thread; collects spans."""
-
-    def __init__(self) -> None:
-        from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.spans: list[Any] = []
-        self._receiver = OtelTapHttpProtobufReceiver(
-            OtelTapHttpProtobufReceiverSettings(http_port=self.port))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-
-    async def _start(self) -> None:
-        await self._receiver.start()
-        self._collecting = asyncio.ensure_future(self._collect())
-        await asyncio.sleep(0)  # subscribed before anything is sent
-
-    async def _collect(self) -> None:
-        async for span in self._receiver.stream_traces():
-            self.spans.append(span)
-
-    def wait_for(self, count: int, seconds: float = 20.0) -> list[Any]:
-        deadline = time.monotonic() + seconds
-        while len(self.spans) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # anything beyond `count` (a duplicate) would arrive meanwhile
-        return list(self.spans)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._receiver.stop(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-
 @pytest.fixture
 def receiver():
     pytest.importorskip("oteltap")
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
-    tap = Receiver()
+    tap = OtlpReceiver()
     try:
         yield tap
     finally:

@@ -14,7 +14,6 @@ Run one worker by hand: RANK=0 python -m tests.e2e.test_multiprocess_e2e --base-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -30,6 +29,7 @@ from typing import Any, Callable
 import pytest
 
 from spec_metrics.multiprocess import scrape_config
+from tests.otlp import OtlpReceiver, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -141,36 +141,17 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-class SpanTap:
-    """oteltap (an OTLP/HTTP receiver) on loopback, streaming every span it receives, and
-    re-emitting each export request as-is to a sink here, where resources are kept."""
+class SpanTap(OtlpReceiver):
+    """The OTLP receiver, also re-emitting each export request as-is to a sink here, where
+    the resources (which oteltap's span stream drops) are kept."""
 
     def __init__(self) -> None:
-        from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
-
-        self.spans: list[Any] = []
         self.bodies: list[bytes] = []
         handler = type("Sink", (_Sink,), {"bodies": self.bodies})
         self._sink = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self._sink.serve_forever, daemon=True).start()
-        self.port = consecutive_free_ports(1)
-        self.url = f"http://127.0.0.1:{self.port}/v1/traces"
-        self._receiver = OtelTapHttpProtobufReceiver(OtelTapHttpProtobufReceiverSettings(
-            http_port=self.port,
-            reemit_traces_to_url=f"http://127.0.0.1:{self._sink.server_port}/v1/traces"))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-
-    async def _start(self) -> None:
-        await self._receiver.start()
-        self._collecting = asyncio.ensure_future(self._collect())
-        await asyncio.sleep(0)  # the stream subscribes before any span can arrive
-
-    async def _collect(self) -> None:
-        async for span in self._receiver.stream_traces():
-            self.spans.append(span)
+        super().__init__(consecutive_free_ports(1),
+                         reemit_to=f"http://127.0.0.1:{self._sink.server_port}/v1/traces")
 
     def resource_spans(self) -> list[Any]:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -182,10 +163,8 @@ class SpanTap:
 
     def close(self) -> None:
         try:
-            asyncio.run_coroutine_threadsafe(self._receiver.stop(), self._loop).result(30)
+            super().close()
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
             self._sink.shutdown()
             self._sink.server_close()
 
@@ -200,16 +179,6 @@ def wait_for(condition: Callable[[], Any], what: str, diagnostics: Callable[[], 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}\n{diagnostics()}")
         time.sleep(0.25)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _by_rank(result: dict[str, Any], *extra: str) -> dict[tuple[str, ...], float]:
@@ -371,7 +340,7 @@ def test_workers_scraped_summed_and_traced(tmp_path, prometheus):
             try:
                 w.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                _stop(w)
+                stop_process(w)
         tap.close()
 
 

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import spec_metrics
 from spec_metrics.catalog import METRICS, VLLM_COMPAT_METRICS
 from spec_metrics.integrations.vllm import SpecMetricsStatLogger
+from tests.otlp import stop_process
 
 from ..conftest import sample_value, scrape
 
@@ -358,9 +359,4 @@ def test_real_prometheus_stores_both_name_sets(tmp_path, registry):
                 "null": 7.0}
             assert query('{__name__=~"vllm_.*"}') == {}  # nothing left under '_' names
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop_process(process)
