@@ -40,7 +40,8 @@ from spec_metrics import SpecDecodeHooks  # noqa: E402
 MODE_NAMES = ("off", *MODES)  # off, disabled, metrics, metrics+tracing, metrics+tracing@1.0
 
 
-def make_hooks(mode: str, batch: int, k: int, device: str) -> tuple[Any, SpanSink | None]:
+def make_hooks(mode: str, batch: int, k: int, device: str,
+               batch_steps: int = 1) -> tuple[Any, SpanSink | None]:
     if mode == "off":
         return None, None
     options = MODES[mode]
@@ -49,7 +50,8 @@ def make_hooks(mode: str, batch: int, k: int, device: str) -> tuple[Any, SpanSin
     hooks = SpecDecodeHooks(
         "draft_model", labels={"model": "tiny-gpt", "engine": "bench_e2e"},
         registry=CollectorRegistry(), tracer_provider=sink.provider if sink else None,
-        max_draft_tokens=max(8, k), timer="cuda" if device == "cuda" else "cpu", **options)
+        max_draft_tokens=max(8, k), timer="cuda" if device == "cuda" else "cpu",
+        batch_steps=batch_steps, **options)
     if device == "cuda" and options.get("enabled", True):
         hooks.warm_up_device(batch)  # pinned buffers at start-up, as the demo does
     return hooks, sink
@@ -118,8 +120,8 @@ def build_large_engine(device: str, hooks: Any, config: Any, d_model: int, layer
 
 
 def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: int,
-              attribution_steps: int = 300, large: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              attribution_steps: int = 300, large: dict[str, Any] | None = None,
+              batch_steps: int = 1) -> dict[str, Any]:
     import torch
 
     from spec_metrics.demo.factory import build_engine
@@ -132,7 +134,7 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
     sinks: dict[str, SpanSink | None] = {}
     hooks_of: dict[str, Any] = {}
     for mode in MODE_NAMES:
-        hooks, sink = make_hooks(mode, batch, k, device)
+        hooks, sink = make_hooks(mode, batch, k, device, batch_steps)
         torch.manual_seed(0)
         config = EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual")
         if large:
@@ -206,6 +208,7 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
         rows.append(row)
     c = engines["off"].counters
     return {"device": device, "batch": batch, "k": k, "steps_per_round": steps,
+            "batch_steps": batch_steps,
             "target": ({"untrained": True, **large} if large else
                        {"untrained": False, "model": "demo default (trained, cached)"}),
             "rounds": rounds, "warmup_steps": warmup, "tokens_identical_across_modes":
@@ -217,7 +220,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Reference engine on {result['device']}, batch {result['batch']}, K {result['k']}, "
-        f"target {_target_text(result.get('target'))}; "
+        f"target {_target_text(result.get('target'))}, "
+        f"hooks batch_steps {result.get('batch_steps', 1)}; "
         f"{result['rounds']} interleaved rounds × {result['steps_per_round']} steps per mode; "
         f"acceptance {result['acceptance_rate']:.2f}, "
         f"{result['emitted_per_request_step']:.2f} tokens per request-step; emitted tokens "
@@ -275,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--sigma", type=float, default=0.05, help="draft weight noise")
+    parser.add_argument("--batch-steps", type=int, default=1,
+                        help="hooks' batch_steps (steps handed to the sinks N at a time)")
     parser.add_argument("--json", help="write the results and machine info here")
     args = parser.parse_args(argv)
     large = (dict(d_model=args.d_model, layers=args.layers, heads=args.heads, sigma=args.sigma)
@@ -283,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     result = run_bench(args.device, args.batch, args.k, args.steps, args.rounds, args.warmup,
-                       args.attribution_steps, large)
+                       args.attribution_steps, large, args.batch_steps)
     report(result, markdown(result), "bench_e2e.py", argv, started, load_before, args.json)
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 from opentelemetry import trace
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
@@ -110,7 +111,10 @@ class SpecDecodeHooks:
         self._open = -1  # index of the stage started and not yet ended
         self._steps = 0
         self._pending = PendingSteps(self._sinks.consume, config.max_pending_steps,
-                                     self._reject)
+                                     self._reject, config.batch_steps)
+        # Batched: verify_end keeps a copy of the counts and the sinks reduce them in the
+        # batch; strict mode reduces at the hook so its errors name the call that caused them.
+        self._defer_summary = config.batch_steps > 1 and not config.strict
         self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
         self._step_scope = StepScope(self)
         reset_after_fork(self)
@@ -234,7 +238,13 @@ class SpecDecodeHooks:
             if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
                 record.accepted, record.draft_tokens = counts, drafts
             else:
-                record.summary = summarize(counts, drafts, self._max_k)
+                if self._defer_summary:
+                    # A copy: the engine may reuse its buffers before the batch is reduced.
+                    record.accepted = np.array(counts)
+                    record.draft_tokens = (np.array(drafts) if isinstance(drafts, np.ndarray)
+                                           else drafts)
+                else:
+                    record.summary = summarize(counts, drafts, self._max_k)
         except InputRejected as rejected:
             self._reject("verify_end", rejected.reason, rejected.message)
         except StrictModeError:

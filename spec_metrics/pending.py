@@ -21,11 +21,15 @@ __all__ = ["PendingSteps"]
 
 
 class PendingSteps:
+    """`batch`: finished steps are passed on once this many wait (see HooksConfig.batch_steps);
+    1 passes each on at its own end_step."""
+
     def __init__(self, consume: Callable[[StepRecord], None], limit: int,
-                 reject: Callable[[str, str, str], None]) -> None:
+                 reject: Callable[[str, str, str], None], batch: int = 1) -> None:
         self._consume = consume
         self._limit = limit
         self._reject = reject
+        self._batch = batch
         self._queue: deque[StepRecord] = deque()
 
     def _reset_after_fork(self) -> None:
@@ -38,19 +42,22 @@ class PendingSteps:
         return len(self._queue)
 
     def add(self, record: StepRecord) -> None:
-        """Pass a finished step on now if nothing is waiting, else queue it (in order)."""
-        if record.pending():
-            if len(self._queue) >= self._limit:
-                _discard_device_data(self._queue.popleft())
+        """Pass a finished step on now if nothing is waiting and steps are not batched, else
+        queue it (in order) and pass on what is ready once a batch is complete."""
+        queue = self._queue
+        if self._batch == 1 and not queue and not record.pending():
+            self._consume(record)
+            return
+        if record.pending() and len(queue) >= self._limit:
+            self.drain()  # ready steps first: only device waits may be dropped
+            if len(queue) >= self._limit:
+                _discard_device_data(queue.popleft())
                 self._reject("end_step", "pending_overflow",
                              f"more than {self._limit} steps wait for device results; the "
                              "oldest was dropped (is the device stream stalled?)")
-            self._queue.append(record)
-        elif self._queue:
-            self._queue.append(record)  # keep steps in order behind older pending ones
-        else:
-            self._consume(record)
-        self.drain()
+        queue.append(record)  # in order behind older ones
+        if len(queue) >= self._batch:
+            self.drain()
 
     def drain(self) -> None:
         """Pass on the steps at the head whose device results have landed (never waits)."""

@@ -46,12 +46,14 @@ class StepSinks:
     def consume(self, record: StepRecord) -> None:
         summary = record.summary
         if summary is None and record.accepted is not None:
+            where = ("read from the device" if isinstance(record.accepted, DeviceArray)
+                     or isinstance(record.draft_tokens, DeviceArray) else "reduced in a batch")
             try:
                 summary = summarize(_resolve(record.accepted), _resolve(record.draft_tokens),
                                     self._max_k)
             except InputRejected as rejected:
                 self._reject("verify_end", rejected.reason,
-                             f"(step {record.index}, read from the device) {rejected.message}")
+                             f"(step {record.index}, {where}) {rejected.message}")
         if record.gpu_starts is not None and self._gpu is not None:
             # Device time replaces enqueue time, on the CPU clock's scale (see cuda_timing).
             record.starts, record.ends = gpu_times_ns(record.gpu_starts, record.gpu_ends,

@@ -16,10 +16,8 @@ parent's to export).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import deque
 from typing import Iterator
 
@@ -30,11 +28,11 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from .catalog import SPAN_DROP_REASONS, SPAN_EXPORT_METRICS
+from .forking import reset_after_fork
 
 __all__ = ["SpanExportProcessor"]
 
 logger = logging.getLogger("spec_metrics")
-_LIVE: "weakref.WeakSet[SpanExportProcessor]" = weakref.WeakSet()
 
 
 class SpanExportProcessor(SpanProcessor, Collector):
@@ -62,7 +60,7 @@ class SpanExportProcessor(SpanProcessor, Collector):
         self._fresh_state()
         if registry is not None:
             registry.register(self)
-        _LIVE.add(self)
+        reset_after_fork(self)
 
     def _fresh_state(self) -> None:
         self._queue: deque[ReadableSpan] = deque()
@@ -109,12 +107,14 @@ class SpanExportProcessor(SpanProcessor, Collector):
         return True
 
     def shutdown(self, timeout_millis: int = 5_000) -> None:
-        """Flush within `timeout_millis`, then stop; what is still queued counts as lost."""
+        """Flush and stop within `timeout_millis` (an export already on the wire may go on
+        in the daemon thread); what is still queued then counts as lost."""
+        deadline = time.monotonic() + timeout_millis / 1e3
         self.force_flush(timeout_millis)
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=max(timeout_millis / 1e3, 0.1))
+            self._thread.join(timeout=max(deadline - time.monotonic(), 0.1))
         with self._lock:
             self.dropped["shutdown"] += len(self._queue)
             self._queue.clear()
@@ -163,6 +163,10 @@ class SpanExportProcessor(SpanProcessor, Collector):
     # ---- introspection and exposition -------------------------------------------------
 
     @property
+    def span_exporter(self) -> SpanExporter:
+        return self._exporter
+
+    @property
     def queue_length(self) -> int:
         return len(self._queue)
 
@@ -192,16 +196,8 @@ class SpanExportProcessor(SpanProcessor, Collector):
         yield exported
         yield dropped
 
-    def _after_fork_in_child(self) -> None:
+    def _reset_after_fork(self) -> None:
+        # The parent's queued spans are the parent's to export; its thread is not here.
         self.exported = 0
         self.dropped = dict.fromkeys(SPAN_DROP_REASONS, 0)
         self._fresh_state()
-
-
-def _reset_children() -> None:
-    for processor in list(_LIVE):
-        processor._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_children)

@@ -55,10 +55,8 @@ class BoundedShutdownTracerProvider(TracerProvider):
         self._exporters: list[Any] = []
 
     def add_span_processor(self, span_processor: Any) -> None:
-        # The SDK's Batch/Simple processors expose `span_exporter`; SpanExportProcessor
-        # (ours) keeps it as `_exporter`.
-        exporter = (getattr(span_processor, "span_exporter", None)
-                    or getattr(span_processor, "_exporter", None))
+        # The SDK's Batch/Simple processors and SpanExportProcessor expose `span_exporter`.
+        exporter = getattr(span_processor, "span_exporter", None)
         if exporter is not None:
             self._exporters.append(exporter)
         super().add_span_processor(span_processor)
