@@ -68,6 +68,8 @@ class SpanExportProcessor(SpanProcessor, Collector):
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._in_flight = 0
+        self._abandoned = 0
+        self._shut_down = False
         self._flush_requested = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -109,6 +111,9 @@ class SpanExportProcessor(SpanProcessor, Collector):
     def shutdown(self, timeout_millis: int = 5_000) -> None:
         """Flush and stop within `timeout_millis` (an export already on the wire may go on
         in the daemon thread); what is still queued then counts as lost."""
+        if self._shut_down:  # the provider's atexit may call again
+            return
+        self._shut_down = True
         deadline = time.monotonic() + timeout_millis / 1e3
         self.force_flush(timeout_millis)
         self._stopping = True
@@ -116,7 +121,10 @@ class SpanExportProcessor(SpanProcessor, Collector):
         if self._thread is not None:
             self._thread.join(timeout=max(deadline - time.monotonic(), 0.1))
         with self._lock:
-            self.dropped["shutdown"] += len(self._queue)
+            # A batch still on the wire past the deadline is counted lost now, not again
+            # when (if ever) its export returns.
+            self._abandoned = self._in_flight
+            self.dropped["shutdown"] += len(self._queue) + self._abandoned
             self._queue.clear()
         self._exporter.shutdown()
 
@@ -154,6 +162,9 @@ class SpanExportProcessor(SpanProcessor, Collector):
             logger.exception("spec_metrics: span exporter raised; %d spans lost", len(batch))
             result = SpanExportResult.FAILURE
         with self._lock:
+            if self._abandoned:  # shutdown already counted this batch
+                self._abandoned = self._in_flight = 0
+                return
             if result is SpanExportResult.SUCCESS:
                 self.exported += len(batch)
             else:

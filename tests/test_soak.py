@@ -74,8 +74,9 @@ def test_soak_with_the_collector_down(caplog) -> None:
         before = _state(processor)
         steps(STEPS_SOAK)
         after = _state(processor)
-        assert after["threads"] == before["threads"]
-        assert after["fds"] == before["fds"]
+        # No growth (threads other tests left behind may end meanwhile, hence <=).
+        assert after["threads"] <= before["threads"]
+        assert after["fds"] <= before["fds"]
         # Spans are built and dropped all along; what is alive afterwards must not grow.
         assert after["objects"] - before["objects"] < 200, (before, after)
         assert after["blocks"] - before["blocks"] < 2_000, (before, after)
