@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
 from collections import deque
 from itertools import accumulate
-from typing import TYPE_CHECKING, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -31,9 +30,10 @@ from .catalog import (
     MetricSpec,
 )
 from .drops import DropCounter
-from .exemplars import ExemplarSlots, RenderLog
+from .exemplars import RenderLog
 from .forking import reset_after_fork
 from .inputs import AcceptSummary
+from .series import COUNTERS_WITH_EXEMPLARS, MethodSeries, Snapshot, StepExemplars, peek_all
 from .textformat import SeriesText, family_header, label_text, render_snapshot
 
 if TYPE_CHECKING:
@@ -41,12 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PrerenderRequest", "Snapshot", "SpecDecodeCollector", "StepExemplars"]
 
-_COUNTERS_WITH_EXEMPLARS = (
-    "spec_decode_drafts_total",
-    "spec_decode_draft_tokens_total",
-    "spec_decode_accepted_tokens_total",
-    "spec_decode_emitted_tokens_total",
-)
 _PER_POSITION = (
     "spec_decode_draft_tokens_per_position_total",
     "spec_decode_accepted_tokens_per_position_total",
@@ -56,15 +50,6 @@ _PER_POSITION = (
 _RENDER_REQUEST = threading.local()
 
 
-class Snapshot(NamedTuple):
-    # per method: (method, latency [(counts, sum, exemplars)] per stage then step,
-    #  accepted_hist, draft_hist, length exemplars, counter exemplars,
-    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
-    series: list[tuple]
-    drops: dict[str, int]
-    folded: int  # steps recorded under method="other"
-
-
 class PrerenderRequest:
     """Yielded by collect() instead of families while spec_metrics' app renders."""
 
@@ -72,57 +57,6 @@ class PrerenderRequest:
 
     def __init__(self, collector: "SpecDecodeCollector") -> None:
         self.collector = collector
-
-
-class StepExemplars:
-    """Where a traced step's spans are, so its observations can carry exemplars."""
-
-    __slots__ = ("trace_id", "step_span_id", "stage_span_ids", "priority", "timestamp")
-
-    def __init__(self, trace_id: str, step_span_id: str, stage_span_ids: Sequence[str | None],
-                 priority: int, timestamp: float) -> None:
-        self.trace_id = trace_id
-        self.step_span_id = step_span_id
-        self.stage_span_ids = stage_span_ids  # indexed like STAGES
-        self.priority = priority
-        self.timestamp = timestamp  # seconds since the epoch, the step's end
-
-    def exemplar(self, span_id: str, value: float) -> Exemplar:
-        return Exemplar({"trace_id": self.trace_id, "span_id": span_id}, value, self.timestamp)
-
-
-class _Histogram:
-    """Bucket counts of one latency series, as plain Python ints (fastest for one value)."""
-
-    __slots__ = ("bounds", "counts", "sum", "exemplars")
-
-    def __init__(self, bounds: tuple[float, ...], hold: float) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # last slot: above the highest bound (+Inf)
-        self.sum = 0.0
-        self.exemplars = ExemplarSlots(len(bounds) + 1, hold)
-
-    def observe(self, value: float) -> int:
-        index = bisect_left(self.bounds, value)  # first bound >= value: the "le" bucket
-        self.counts[index] += 1
-        self.sum += value
-        return index
-
-
-class _Series:
-    """Everything aggregated for one method."""
-
-    __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
-                 "counter_exemplars")
-
-    def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
-                 max_k: int, hold: float) -> None:
-        self.stages = [_Histogram(stage_bounds, hold) for _ in STAGES]
-        self.step = _Histogram(step_bounds, hold)
-        self.accepted_hist = np.zeros(max_k + 1, dtype=np.int64)
-        self.draft_hist = np.zeros(max_k + 1, dtype=np.int64)
-        self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
-        self.counter_exemplars = ExemplarSlots(len(_COUNTERS_WITH_EXEMPLARS), hold)
 
 
 class SpecDecodeCollector(Collector):
@@ -151,7 +85,7 @@ class SpecDecodeCollector(Collector):
         self.stage_buckets = tuple(stage_buckets)
         self.step_buckets = tuple(step_buckets)
         self.drops = drops or DropCounter()
-        self._series: dict[str, _Series] = {}
+        self._series: dict[str, MethodSeries] = {}
         self._lock = threading.Lock()
         self._hold = exemplar_hold_seconds
         self._render_log = RenderLog(self._lock)
@@ -201,21 +135,21 @@ class SpecDecodeCollector(Collector):
                              "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
                              "give this engine its own collector and registry.")
 
-    def series_for(self, method: str) -> _Series:
+    def series_for(self, method: str) -> MethodSeries:
         series = self._series.get(method)
         if series is None:
             with self._lock:
                 series = self._series_locked(method)
         return series
 
-    def _series_locked(self, method: str) -> _Series:
+    def _series_locked(self, method: str) -> MethodSeries:
         series = self._series.get(method)
         if series is None:
             if len(self._series) >= self.max_methods and method != OTHER_LABEL_VALUE:
                 # Cardinality cap: one more method would be one more set of ~130 series.
                 self.folded += 1
                 return self._series_locked(OTHER_LABEL_VALUE)
-            series = self._series[method] = _Series(
+            series = self._series[method] = MethodSeries(
                 self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
         return series
 
@@ -288,7 +222,7 @@ class SpecDecodeCollector(Collector):
                 self._offer_accept_exemplars(series, summary, exemplars, now)
 
     @staticmethod
-    def _offer_accept_exemplars(series: _Series, summary: AcceptSummary,
+    def _offer_accept_exemplars(series: MethodSeries, summary: AcceptSummary,
                                 exemplars: StepExemplars, now: float) -> None:
         verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
         for length in np.flatnonzero(summary.accepted_hist).tolist():
@@ -322,12 +256,12 @@ class SpecDecodeCollector(Collector):
             raw = [
                 (
                     method,
-                    [(list(h.counts), h.sum, _peek_all(h.exemplars, shown))
+                    [(list(h.counts), h.sum, peek_all(h.exemplars, shown))
                      for h in (*series.stages, series.step)],
                     series.accepted_hist.copy(),
                     series.draft_hist.copy(),
-                    _peek_all(series.accepted_exemplars, shown),
-                    _peek_all(series.counter_exemplars, shown),
+                    peek_all(series.accepted_exemplars, shown),
+                    peek_all(series.counter_exemplars, shown),
                 )
                 for method, series in self._series.items()
             ]
@@ -366,7 +300,7 @@ class SpecDecodeCollector(Collector):
             families["spec_decode_accepted_length"].add_metric(
                 [method, *const], _buckets(length_les, length_counts, length_ex),
                 float(sum(i * n for i, n in enumerate(length_counts))))
-            for name, value, exemplar in zip(_COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
+            for name, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
                 families[name].add_metric([method, *const], float(value), exemplar=exemplar)
             for name, values in zip(_PER_POSITION, totals[1:]):
                 for position, value in zip(positions, values):
@@ -413,13 +347,7 @@ class SpecDecodeCollector(Collector):
                  "step": "spec_decode_step_duration_seconds",
                  "length": "spec_decode_accepted_length"}
         return SeriesText(names, method, self.const_labels, *self._layout(),
-                          counter_names=_COUNTERS_WITH_EXEMPLARS, position_names=_PER_POSITION)
-
-
-def _peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:
-    exemplars = [slots.peek(i) for i in range(len(slots))]
-    shown.extend((slots, i, e) for i, e in enumerate(exemplars) if e is not None)
-    return exemplars
+                          counter_names=COUNTERS_WITH_EXEMPLARS, position_names=_PER_POSITION)
 
 
 def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:

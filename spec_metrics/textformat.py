@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 from .catalog import STAGES
 
 if TYPE_CHECKING:
-    from .collector import Snapshot
+    from .series import Snapshot
 
 __all__ = ["SeriesText", "family_header", "format_count", "label_text", "render_snapshot"]
 

@@ -17,11 +17,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
 from .catalog import STAGES
-from .collector import StepExemplars
 from .config import HooksConfig
 from .drops import DropCounter, logger
 from .exemplars import PRIORITY
 from .outliers import RunningQuantile
+from .series import StepExemplars
 from .traceparent import parse_traceparent
 
 if TYPE_CHECKING:
