@@ -36,12 +36,28 @@ class PinnedPool:
     def __init__(self) -> None:
         self._free: dict[Any, list[Any]] = {}
         self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
+        self._events: list[Any] = []  # completed copy events, reused (creating one costs)
+        self._streams: Any = None  # cuda_timing.StreamLookup, made on first device copy
 
     def _reset_after_fork(self) -> None:
         """In a forked child: set the parent's buffers aside, unfreed (forking.py says why)."""
-        keep_forever((self._free, self._cooling))
+        keep_forever((self._free, self._cooling, self._events, self._streams))
         self._free = {}
         self._cooling = []
+        self._events = []
+        self._streams = None
+
+    def event_on(self, device: Any) -> Any:
+        """A CUDA event recorded now on `device`'s current stream."""
+        import torch
+
+        if self._streams is None:
+            from .cuda_timing import StreamLookup
+
+            self._streams = StreamLookup(torch)
+        event = self._events.pop() if self._events else torch.cuda.Event()
+        event.record(self._streams.current(device.index))
+        return event
 
     def take(self, length: int, dtype: Any) -> Any:
         if self._cooling:
@@ -61,12 +77,15 @@ class PinnedPool:
             self._cooling.append((buffer, event))
             return
         self._free.setdefault(buffer.dtype, []).append(buffer)
+        if event is not None:
+            self._events.append(event)
 
     def _reclaim(self) -> None:
         still = []
         for buffer, event in self._cooling:
             if event.query():
                 self._free.setdefault(buffer.dtype, []).append(buffer)
+                self._events.append(event)
             else:
                 still.append((buffer, event))
         self._cooling = still
@@ -89,7 +108,6 @@ class DeviceArray:
     __slots__ = ("_buffer", "_host", "_event", "_pool", "what", "length")
 
     def __init__(self, tensor: Any, what: str, pool: PinnedPool) -> None:
-        import torch  # the caller already imported it: it handed us a tensor
 
         self.what = what
         self.length = int(tensor.shape[0])
@@ -97,8 +115,7 @@ class DeviceArray:
         self._buffer = pool.take(self.length, tensor.dtype)
         self._host = self._buffer[: self.length]
         self._host.copy_(tensor.detach(), non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record(torch.cuda.current_stream(tensor.device))
+        self._event = pool.event_on(tensor.device)
 
     def ready(self) -> bool:
         return bool(self._event.query())
@@ -114,7 +131,7 @@ class DeviceArray:
     def result(self) -> np.ndarray:
         """The checked host array; the pinned buffer goes back to the pool."""
         array = np.array(self._host.numpy())  # a copy: the buffer is reused
-        self._pool.give(self._buffer)
+        self._pool.give(self._buffer, self._event)  # completed: both are reused
         return _check_array(array, self.what)
 
 
