@@ -22,9 +22,7 @@ shutdown are bounded.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import logging
 import os
 import socket
@@ -45,7 +43,7 @@ from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.spans import SpanExportProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_hooks import header, machine_info  # noqa: E402
+from bench_hooks import report  # noqa: E402
 
 TARGET_DELTA_MB = 1.0
 BATCH, K, POOL = 256, 4, 64
@@ -232,18 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "opentelemetry.exporter.otlp.proto.http.trace_exporter",
                  "opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     result = run(args.steps, args.every, warmup, args.export_timeout, args.collector)
     result["pass"] = result["max_over_warmup_mb"] < TARGET_DELTA_MB
-    result["machine"] = machine_info()
-    result["command"] = " ".join(["python", *(sys.argv if argv is None else
-                                              ["benchmarks/bench_memory.py", *argv])])
-    result["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    print(header(result))
-    print(f"{result['command']}  ({result['date']})\n")
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, markdown(result), "bench_memory.py", argv, started, load_before, args.json)
     return 0 if result["pass"] else 1
 
 

@@ -28,9 +28,7 @@ Everything is in-process; the run is bounded by --renders and --seconds and stop
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import logging
 import os
 import sys
@@ -49,7 +47,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from spec_metrics import SpecDecodeHooks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_hooks import header, machine_info  # noqa: E402
+from bench_hooks import report  # noqa: E402
 
 from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.exposition import metrics_response, render
@@ -317,7 +315,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Hook thread at full rate (batch {BATCH}, K {K}, numpy accepted, trace_ratio 0.01 + "
         f"outliers) while N threads render OpenMetrics + classic in a tight loop; "
         f"{c['label_sets']} label sets in the collector; {c['seconds']} s per phase; µs. "
-        f"GIL switch interval {result['machine']['gil_switch_interval_ms']:g} ms.",
+        f"GIL switch interval {sys.getswitchinterval() * 1e3:g} ms.",
         "",
         "| scrapers | lock | steps/s | scrape pairs | step p50 | step p99 | step max | "
         "end_step p50 | end_step p99 | end_step max | hook lock wait p99 | "
@@ -358,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     gc.collect()
     provider = null_provider()
     renders = [bench_render(n, args.renders, args.steps_per_set, provider, args.budget)
@@ -380,18 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "renders": args.renders, "budget_s": args.budget, "render": renders, "target": target,
         "concurrent": {"label_sets": args.concurrent_label_sets, "seconds": args.seconds,
                        "phases": phases},
-        "elapsed_s": round(time.perf_counter() - started, 1),
-        "machine": machine_info(),
-        "command": " ".join(["python", *(sys.argv if argv is None else
-                                         ["benchmarks/bench_scrape.py", *argv])]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    result["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
-    print(header(result))
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, markdown(result), "bench_scrape.py", argv, started, load_before, args.json)
     return 0 if target["pass"] else 1
 
 
