@@ -41,7 +41,7 @@ MODE_NAMES = ("off", *MODES)  # off, disabled, metrics, metrics+tracing, metrics
 
 
 def make_hooks(mode: str, batch: int, k: int, device: str,
-               batch_steps: int = 1) -> tuple[Any, SpanSink | None]:
+               batch_steps: int = 1, timer: str | None = None) -> tuple[Any, SpanSink | None]:
     if mode == "off":
         return None, None
     options = MODES[mode]
@@ -50,7 +50,8 @@ def make_hooks(mode: str, batch: int, k: int, device: str,
     hooks = SpecDecodeHooks(
         "draft_model", labels={"model": "tiny-gpt", "engine": "bench_e2e"},
         registry=CollectorRegistry(), tracer_provider=sink.provider if sink else None,
-        max_draft_tokens=max(8, k), timer="cuda" if device == "cuda" else "cpu",
+        max_draft_tokens=max(8, k),
+        timer=timer or ("cuda" if device == "cuda" else "cpu"),
         batch_steps=batch_steps, **options)
     if device == "cuda" and options.get("enabled", True):
         hooks.warm_up_device(batch)  # pinned buffers at start-up, as the demo does
@@ -102,7 +103,8 @@ def hook_time_per_step(engines: dict[str, Any], steps: int) -> dict[str, dict[st
 
 
 def build_large_engine(device: str, hooks: Any, config: Any, d_model: int, layers: int,
-                       heads: int, sigma: float) -> Any:
+                       heads: int, sigma: float, max_seq: int = 192,
+                       dtype: str = "float32") -> Any:
     """A randomly initialised target of the demo's architecture, large enough that a step
     takes milliseconds on a GPU (training it is not the point: the benchmark measures the
     hooks against the step, and every mode runs the same seeded weights)."""
@@ -113,15 +115,17 @@ def build_large_engine(device: str, hooks: Any, config: Any, d_model: int, layer
     from spec_metrics.demo.models import GPT, GPTConfig
 
     torch.manual_seed(1234)
-    cfg = GPTConfig(d_model=d_model, n_layer=layers, n_head=heads)
-    target = GPT(cfg).eval().requires_grad_(False).to(device)
+    cfg = GPTConfig(d_model=d_model, n_layer=layers, n_head=heads, max_seq=max_seq)
+    target = GPT(cfg).eval().requires_grad_(False).to(device, getattr(torch, dtype))
     drafter = ModelDrafter(target, sigma=sigma, seed=0, k=config.k)
     return Engine(target, drafter, config, hooks=hooks)
 
 
 def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: int,
               attribution_steps: int = 300, large: dict[str, Any] | None = None,
-              batch_steps: int = 1) -> dict[str, Any]:
+              batch_steps: int = 1, cuda_graphs: bool = False,
+              max_new: tuple[int, int] = (32, 64), interleave: str = "run"
+              ) -> dict[str, Any]:
     import torch
 
     from spec_metrics.demo.factory import build_engine
@@ -136,7 +140,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
     for mode in MODE_NAMES:
         hooks, sink = make_hooks(mode, batch, k, device, batch_steps)
         torch.manual_seed(0)
-        config = EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual")
+        config = EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual",
+                              max_new_tokens=max_new, cuda_graphs=cuda_graphs)
         if large:
             if device == "cpu":
                 torch.set_num_threads(1)
@@ -160,15 +165,42 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
     for mode in MODE_NAMES:  # warm-up: JIT-free, but caches, allocator, outlier window
         timed(mode, warmup)
     per_round: dict[str, list[dict[str, float]]] = {m: [] for m in MODE_NAMES}
+    step_s: dict[str, list[float]] = {m: [] for m in MODE_NAMES}  # interleave="step" only
+    joined: list[bool] = []  # per step of `off`: did requests join (a prefill ran)?
     order = list(MODE_NAMES)
+    pc = time.perf_counter
     for r in range(rounds):
         rot = order[r % len(order):] + order[:r % len(order)]
         gc.collect()
-        for mode in rot:
-            wall, tokens, n = timed(mode, steps)
-            per_round[mode].append({"wall_s": wall, "tokens": tokens, "steps": n,
-                                    "tokens_per_s": tokens / wall,
-                                    "step_ms": wall / n * 1e3})
+        if interleave == "run":
+            for mode in rot:
+                wall, tokens, n = timed(mode, steps)
+                per_round[mode].append({"wall_s": wall, "tokens": tokens, "steps": n,
+                                        "tokens_per_s": tokens / wall,
+                                        "step_ms": wall / n * 1e3})
+        else:
+            # Step i of every engine does the same work (same seed, same tokens), so
+            # timing the modes' step i back to back pairs identical work seconds apart.
+            before = {m: engines[m].counters.emitted_tokens for m in MODE_NAMES}
+            walls = dict.fromkeys(MODE_NAMES, 0.0)
+            for i in range(steps):
+                j = (r * steps + i) % len(order)
+                for mode in order[j:] + order[:j]:
+                    started = engines[mode].counters.requests_started
+                    sync()
+                    t0 = pc()
+                    engines[mode].run(steps=1)
+                    sync()
+                    dt = pc() - t0
+                    walls[mode] += dt
+                    step_s[mode].append(dt)
+                    if mode == "off":
+                        joined.append(engines[mode].counters.requests_started > started)
+            for mode in MODE_NAMES:
+                tokens = engines[mode].counters.emitted_tokens - before[mode]
+                per_round[mode].append({"wall_s": walls[mode], "tokens": tokens,
+                                        "steps": steps, "tokens_per_s": tokens / walls[mode],
+                                        "step_ms": walls[mode] / steps * 1e3})
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{m} {per_round[m][-1]['tokens_per_s']:.0f}" for m in MODE_NAMES) + " tok/s",
             file=sys.stderr, flush=True)
@@ -200,6 +232,18 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
                 / sum(x["wall_s"] for x in per_round["off"]))),
             "per_round": per_round[mode],
         }
+        if step_s[mode] and mode != "off":
+            paired = [100.0 * (t / o - 1.0) for t, o in zip(step_s[mode], step_s["off"])]
+            row["step_paired_loss_pct_mean"] = statistics.fmean(paired)
+            row["step_paired_loss_pct_sem"] = statistics.stdev(paired) / len(paired) ** 0.5
+            row["step_paired_loss_pct_median"] = statistics.median(paired)
+            row["total_time_loss_pct"] = 100.0 * (sum(step_s[mode]) / sum(step_s["off"]) - 1)
+            decode = [x for x, j in zip(paired, joined) if not j]
+            if len(decode) > 1:
+                row["decode_steps"] = len(decode)
+                row["decode_paired_loss_pct_mean"] = statistics.fmean(decode)
+                row["decode_paired_loss_pct_sem"] = statistics.stdev(decode) / len(decode) ** 0.5
+                row["decode_paired_loss_pct_median"] = statistics.median(decode)
         sink = sinks[mode]
         if hooks_of[mode] is not None:
             hooks_of[mode].close()
@@ -208,7 +252,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
         rows.append(row)
     c = engines["off"].counters
     return {"device": device, "batch": batch, "k": k, "steps_per_round": steps,
-            "batch_steps": batch_steps,
+            "batch_steps": batch_steps, "cuda_graphs": cuda_graphs, "max_new_tokens": max_new,
+            "interleave": interleave,
             "target": ({"untrained": True, **large} if large else
                        {"untrained": False, "model": "demo default (trained, cached)"}),
             "rounds": rounds, "warmup_steps": warmup, "tokens_identical_across_modes":
@@ -221,7 +266,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Reference engine on {result['device']}, batch {result['batch']}, K {result['k']}, "
         f"target {_target_text(result.get('target'))}, "
-        f"hooks batch_steps {result.get('batch_steps', 1)}; "
+        f"hooks batch_steps {result.get('batch_steps', 1)}, "
+        f"{'CUDA graphs' if result.get('cuda_graphs') else 'eager'} decode, "
+        f"modes interleaved by {result.get('interleave', 'run')}, "
+        f"max_new_tokens {tuple(result.get('max_new_tokens', (32, 64)))}; "
         f"{result['rounds']} interleaved rounds × {result['steps_per_round']} steps per mode; "
         f"acceptance {result['acceptance_rate']:.2f}, "
         f"{result['emitted_per_request_step']:.2f} tokens per request-step; emitted tokens "
@@ -245,6 +293,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['tokens_per_s_min']:.0f}–{r['tokens_per_s_max']:.0f} | "
             f"{r['step_ms_median']:.2f} | {loss} | {sem} | {med} | {span} | {pooled} |")
     lines += ["", "Positive loss = slower than off."]
+    if result.get("interleave") == "step":
+        lines += ["", "Step by step: every mode's step i (the same work in every engine) timed "
+                  "back to back between device syncs, in an order rotated every step. "
+                  "Loss = step time over `off`'s step time, minus 1:", "",
+                  "| mode | paired step loss, % (mean ± s.e.m.) | median, % | "
+                  "total-time loss, % | steps without joins | their loss, % (mean ± s.e.m.) "
+                  "| their median, % |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            if "step_paired_loss_pct_mean" in r:
+                lines.append(f"| {r['mode']} | {r['step_paired_loss_pct_mean']:+.2f} ± "
+                             f"{r['step_paired_loss_pct_sem']:.2f} | "
+                             f"{r['step_paired_loss_pct_median']:+.2f} | "
+                             f"{r['total_time_loss_pct']:+.2f} | "
+                             + (f"{r['decode_steps']} | {r['decode_paired_loss_pct_mean']:+.2f} ± "
+                                f"{r['decode_paired_loss_pct_sem']:.2f} | "
+                                f"{r['decode_paired_loss_pct_median']:+.2f} |"
+                                if "decode_steps" in r else "— | — | — |"))
     if result.get("hook_time_per_step"):
         lines += ["", f"Time inside the hook calls, measured in the engine "
                   f"({result['attribution_steps']} more steps per mode, each call wrapped in "
@@ -260,8 +325,9 @@ def markdown(result: dict[str, Any]) -> str:
 def _target_text(target: dict[str, Any] | None) -> str:
     if not target or not target.get("untrained"):
         return "the demo's trained model"
-    return (f"random-init d_model {target['d_model']} × {target['layers']} layers "
-            f"({target['heads']} heads), draft = target + noise sigma {target['sigma']}")
+    return (f"random-init {target.get('dtype', 'float32')} d_model {target['d_model']} × "
+            f"{target['layers']} layers ({target['heads']} heads), draft = target + noise "
+            f"sigma {target['sigma']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,15 +347,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sigma", type=float, default=0.05, help="draft weight noise")
     parser.add_argument("--batch-steps", type=int, default=1,
                         help="hooks' batch_steps (steps handed to the sinks N at a time)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the decode stages as captured CUDA graphs, as serving "
+                        "engines do (greedy, model drafter, full batch)")
+    parser.add_argument("--max-new", type=int, nargs=2, default=(32, 64), metavar=("LO", "HI"),
+                        help="tokens generated per request, uniform in [LO, HI]")
+    parser.add_argument("--max-seq", type=int, default=192,
+                        help="random-init target's context (>= 64 + HI + k)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="random-init target's dtype")
+    parser.add_argument("--interleave", default="run", choices=("run", "step"),
+                        help="run: each mode runs --steps steps in turn; step: the modes "
+                        "alternate every step, each step timed between device syncs")
     parser.add_argument("--json", help="write the results and machine info here")
     args = parser.parse_args(argv)
-    large = (dict(d_model=args.d_model, layers=args.layers, heads=args.heads, sigma=args.sigma)
-             if args.d_model else None)
+    large = (dict(d_model=args.d_model, layers=args.layers, heads=args.heads, sigma=args.sigma,
+                  max_seq=args.max_seq, dtype=args.dtype) if args.d_model else None)
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     result = run_bench(args.device, args.batch, args.k, args.steps, args.rounds, args.warmup,
-                       args.attribution_steps, large, args.batch_steps)
+                       args.attribution_steps, large, args.batch_steps, args.cuda_graphs,
+                       tuple(args.max_new), args.interleave)
     report(result, markdown(result), "bench_e2e.py", argv, started, load_before, args.json)
     return 0
 

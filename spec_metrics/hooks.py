@@ -217,7 +217,9 @@ class SpecDecodeHooks:
     def verify_end(self, accepted: Any = None, draft_tokens: Any = None) -> None:
         """End verify. `accepted`: tokens accepted per request (list, numpy array, torch
         tensor on CPU or CUDA); `draft_tokens`: K for all, or per request. A CUDA tensor is
-        copied without blocking and read at a later step."""
+        copied without blocking, on a side stream after the work queued so far, and read at
+        a later step; write it in place only after end_step(), from which point the
+        current stream waits (on the device) for that copy."""
         if not self._on:
             return
         if not self._end(_VERIFY, "verify_end") or accepted is None:
@@ -426,6 +428,11 @@ class SpecDecodeHooks:
         record = self._record
         self._record = None
         if record is not None:
+            # Device counts are read on a side stream: from here on the engine's stream
+            # waits for that copy, so the engine may overwrite or free its tensors.
+            for value in (record.accepted, record.draft_tokens):
+                if isinstance(value, DeviceArray):
+                    value.release_source()
             self._pending.add(record)
 
     def _reject(self, hook: str, reason: str, message: str) -> None:

@@ -58,6 +58,35 @@ def test_device_counts_are_read_later_without_any_sync(registry, provider):
     assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
 
 
+def test_counts_are_copied_off_the_engine_stream_and_ordered_before_reuse(registry):
+    """The copy runs on a side stream after the work queued before verify_end, and the
+    engine's stream waits for it from end_step on: an in-place overwrite queued after
+    end_step never reaches the counted values, even while the device is still busy."""
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(4)
+    accepted = torch.zeros(4, dtype=torch.int64, device="cuda")
+    engine_stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    for _ in range(5):
+        hooks.begin_step()
+        hooks.draft_start()
+        hooks.draft_end()
+        hooks.verify_start()
+        torch.cuda._sleep(SLEEP_CYCLES // 10)  # the verify kernels, still running below
+        accepted.fill_(3)  # produced by the engine's last verify kernel
+        hooks.verify_end(accepted, 4)
+        hooks.draft_extend_start()
+        hooks.draft_extend_end()
+        hooks.end_step()
+        accepted.fill_(0)  # the engine reuses its buffer (a graph's static output)
+    copy_streams = list(hooks._pinned._copy_streams.values())
+    assert len(copy_streams) == 1 and copy_streams[0] != engine_stream
+    hooks.flush()
+    assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == 5 * 4 * 3
+
+
 def test_bad_device_values_are_caught_when_read(registry):
     hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
                                          max_draft_tokens=4)

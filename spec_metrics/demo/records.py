@@ -20,6 +20,7 @@ class EngineConfig:
     virtual_step_s: float = 0.02
     seed: int = 0
     keep_finished: int = 10_000  # finished requests kept for inspection
+    cuda_graphs: bool = False  # replay captured decode stages (CUDA, greedy, model drafter)
 
 
 @dataclass
