@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> int:
     import torch
-
     from bench_e2e import build_large_engine
+
     from spec_metrics.demo.records import EngineConfig
 
     p = argparse.ArgumentParser()
@@ -71,7 +71,9 @@ def main() -> int:
         t0 = pc()
         s.record()
         for _ in range(20):
-            g.draft(); g.verify(); g.extend()
+            g.draft()
+            g.verify()
+            g.extend()
         e.record()
         host = (pc() - t0) / 20
         torch.cuda.synchronize()

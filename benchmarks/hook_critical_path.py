@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> int:
     import torch
-
     from bench_e2e import build_large_engine, make_hooks
+
     from spec_metrics.demo.records import EngineConfig
 
     p = argparse.ArgumentParser()
