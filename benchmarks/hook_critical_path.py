@@ -60,20 +60,20 @@ def main() -> int:
         spans = []
 
         def gpu_marks(g=eng.graphs, spans=spans):
-            load, extend = g.load, g.extend
+            prepare, extend = g.prepare, g.extend
 
-            def marked_load(*args):
+            def marked_prepare(*args):
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
                 spans.append([ev, None])
-                load(*args)
+                prepare(*args)
 
-            def marked_extend():
-                extend()
+            def marked_extend(*args):
+                extend(*args)
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
                 spans[-1][1] = ev
-            g.load, g.extend = marked_load, marked_extend
+            g.prepare, g.extend = marked_prepare, marked_extend
         gpu_marks()
         eng.gpu_spans = spans
         wrap(eng, "_admit", "admit")

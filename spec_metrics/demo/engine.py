@@ -18,10 +18,10 @@ import torch
 
 from .corpus import Corpus, load_corpus
 from .drafters import BatchView, Proposal
-from .graphs import GraphedStages
 from .models import GPT, to_device
 from .records import EngineConfig, Request, SpecCounters
-from .sampling import Acceptor, greedy_accept, probs, rejection_accept
+from .sampling import Acceptor, rejection_accept
+from .stages import EagerStages, GraphedStages
 
 __all__ = ["Engine", "EngineConfig", "Request", "SpecCounters"]
 
@@ -56,7 +56,8 @@ class Engine:
                              f"{target.cfg.max_seq}")
         self.tcache = target.new_cache(config.batch_size, self.seq_cap)
         drafter.allocate(config.batch_size, self.seq_cap)
-        self.graphs: Optional[GraphedStages] = None
+        self.eager = EagerStages(target, drafter, self.tcache, self.acceptor)
+        self.graphs: Optional[GraphedStages] = None  # replayed while the batch is full
         if config.cuda_graphs:
             if config.temperature > 0:
                 raise ValueError("cuda_graphs=True supports greedy decoding (temperature 0)")
@@ -199,19 +200,15 @@ class Engine:
         if not self.rows:
             return False
         cfg, h, k = self.cfg, self.hooks, self.cfg.k
-        g = self.graphs if len(self.rows) == cfg.batch_size else None
+        full = self.graphs is not None and len(self.rows) == cfg.batch_size
+        stages = self.graphs if full else self.eager
         view = BatchView(self.pending, self.lens, max(len(r.context) for r in self.rows) - 1,
                          [r.context for r in self.rows], cfg.temperature, self._gen)
-        if g is not None:
-            g.load(self.pending, self.lens)
+        stages.prepare(view)
         if h is not None:
             h.begin_step(request_ids=[r.id for r in self.rows], traceparents=None)
             h.draft_start()
-        if g is not None:
-            g.draft()
-            prop: Proposal = g.proposal()
-        else:
-            prop = self.drafter.propose(view, k)
+        prop: Proposal = stages.draft(view, k)
         if h is not None:
             h.draft_end()
             h.verify_start()
@@ -223,40 +220,19 @@ class Engine:
                 self._spike_left -= 1
                 if self._spike_left <= 0:
                     self.clear_spike()
-        if g is not None:
-            g.verify()
-            accepted, nxt, packed_dev, lens_next = g.accepted, g.next_token, g.packed, \
-                g.lens_next
-        else:
-            inp = torch.cat([self.pending[:, None], prop.tokens], dim=1)  # [B, k+1]
-            logits = self.target(inp, self.tcache, self.lens, 0, view.kv_bound + k + 1)
-            if cfg.temperature <= 0:
-                accepted, nxt = greedy_accept(logits, prop.tokens, prop.lengths)
-            else:
-                accepted, nxt = self.acceptor(probs(logits, cfg.temperature), prop.q,
-                                              prop.tokens, prop.lengths, self._gen)
+        verified = stages.verify(view, prop, k)
         if h is not None:
-            h.verify_end(accepted, k if prop.lengths is None else prop.lengths)
+            h.verify_end(verified.accepted, k if prop.lengths is None else prop.lengths)
             h.draft_extend_start()
-        if g is not None:
-            g.extend()
-        else:
-            self.drafter.extend(view, accepted, prop)
+        stages.extend(view, prop, verified)
         if h is not None:
             h.draft_extend_end()
-        if g is None:
-            # Emitted tokens: drafts[:accepted] then nxt at slot `accepted`.
-            out = torch.cat([prop.tokens, nxt[:, None]], dim=1)
-            out = out.scatter(1, accepted[:, None], nxt[:, None])
-            packed_dev = torch.cat([accepted[:, None], out], dim=1)
-            lens_next = self.lens + 1 + accepted  # new tensors: hooks may hold `accepted`
-        # Graphed: static outputs, overwritten by the next replay after the hooks' copy.
-        self.lens, self.pending = lens_next, nxt
+        self.lens, self.pending = verified.lens_next, verified.next_token
         if h is not None:
             h.end_step()
         # The one host sync per step: continuous batching needs the emitted
         # tokens on the host to detect EOS / length and to admit new requests.
-        packed = packed_dev.cpu()
+        packed = verified.packed.cpu()
         self._bookkeep(packed, prop)
         return True
 
