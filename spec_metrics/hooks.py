@@ -141,10 +141,10 @@ class SpecDecodeHooks:
             if self._open >= 0:
                 self._discard_open("begin_step")
             if self._record is not None:
+                self._close_record()  # before the reject, which raises in strict mode
                 self._reject("begin_step", "out_of_order",
                              "begin_step() called before end_step() closed the previous step; "
                              "the previous step was closed now")
-                self._close_record()
             request_ids = self._per_request("request_ids", request_ids)
             traceparents = self._per_request("traceparents", traceparents)
             if batch_size is not None and (isinstance(batch_size, bool)
@@ -235,6 +235,7 @@ class SpecDecodeHooks:
                 drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
             except BaseException:
                 if isinstance(counts, DeviceArray):
+                    counts.release_source()  # the engine may reuse its tensor after all
                     counts.discard()  # its pinned buffer goes back to the pool
                 raise
             if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
@@ -297,6 +298,7 @@ class SpecDecodeHooks:
         import torch
 
         self._pinned.reserve(max_batch_size, (torch.int64, torch.int32), buffers)
+        self._pinned.prepare_device(torch.cuda.current_device(), 2 * buffers)
         if self._gpu is not None:
             self._gpu.reserve(2 * len(STAGES) * buffers)
 
@@ -321,7 +323,14 @@ class SpecDecodeHooks:
             self._tracer.force_flush(timeout_millis)
 
     def close(self) -> None:
-        """Flush, then unregister the collector this object registered."""
+        """Drop a step left open (no end_step), flush, then unregister the collector this
+        object registered."""
+        record, self._record, self._open = self._record, None, -1
+        if record is not None:
+            for value in (record.accepted, record.draft_tokens):
+                if isinstance(value, DeviceArray):
+                    value.release_source()
+                    value.discard()
         self.flush()
         if self._registered_in is not None:
             self._registered_in.unregister(self.collector)
@@ -355,11 +364,11 @@ class SpecDecodeHooks:
             if record is None:
                 record = self._new_record(self._method)
             elif stage <= record.last_stage:
+                self._close_record()  # before the reject, which raises in strict mode
                 self._reject(hook, "out_of_order",
                              f"{STAGES[stage]} started after {STAGES[record.last_stage]} in the "
                              "same step; call end_step() after each step (the previous step "
                              "was closed now)")
-                self._close_record()
                 record = self._new_record(self._method)
             record.starts[stage] = now
             if self._gpu is not None:
@@ -428,12 +437,14 @@ class SpecDecodeHooks:
         record = self._record
         self._record = None
         if record is not None:
-            # Device counts are read on a side stream: from here on the engine's stream
-            # waits for that copy, so the engine may overwrite or free its tensors.
-            for value in (record.accepted, record.draft_tokens):
-                if isinstance(value, DeviceArray):
-                    value.release_source()
-            self._pending.add(record)
+            try:
+                # Device counts are read on a side stream: from here on the engine's
+                # stream waits for that copy, so the engine may overwrite or free them.
+                for value in (record.accepted, record.draft_tokens):
+                    if isinstance(value, DeviceArray):
+                        value.release_source()
+            finally:
+                self._pending.add(record)
 
     def _reject(self, hook: str, reason: str, message: str) -> None:
         self._drops.reject(hook, reason, message, self._strict)

@@ -35,10 +35,12 @@ class PinnedPool:
 
     def __init__(self) -> None:
         self._free: dict[Any, list[Any]] = {}
-        self._cooling: list[tuple[Any, Any]] = []  # given back while a copy was in flight
-        self._events: list[Any] = []  # completed copy events, reused (creating one costs)
+        self._cooling: list[tuple[Any, Any, int]] = []  # given back while a copy was in flight
+        # Reusable events per device index: an event belongs to the device it was first
+        # recorded on, and creating one costs more than reusing it.
+        self._events: dict[int, list[Any]] = {}
         self._streams: Any = None  # cuda_timing.StreamLookup, made on first device copy
-        self._copy_streams: dict[Any, Any] = {}  # device index -> side stream for copies
+        self._copy_streams: dict[int, Any] = {}  # device index -> side stream for copies
 
     def _reset_after_fork(self) -> None:
         """In a forked child: set the parent's buffers aside, unfreed (forking.py says why)."""
@@ -46,18 +48,34 @@ class PinnedPool:
                       self._copy_streams))
         self._free = {}
         self._cooling = []
-        self._events = []
+        self._events = {}
         self._streams = None
         self._copy_streams = {}
 
-    def _event(self) -> Any:
+    def _event(self, index: int) -> Any:
         import torch
 
-        return self._events.pop() if self._events else torch.cuda.Event()
+        free = self._events.get(index)
+        return free.pop() if free else torch.cuda.Event()
 
-    def copy_to_host(self, tensor: Any, host: Any) -> Any:
+    def prepare_device(self, index: int, events: int) -> None:
+        """Create the side stream and `events` events for device `index` ahead (start-up)."""
+        import torch
+
+        if self._streams is None:
+            from .cuda_timing import StreamLookup
+
+            self._streams = StreamLookup(torch)
+        if index not in self._copy_streams:
+            self._copy_streams[index] = torch.cuda.Stream(device=index)
+        free = self._events.setdefault(index, [])
+        while len(free) < events:
+            free.append(torch.cuda.Event())
+
+    def copy_to_host(self, tensor: Any, host: Any) -> tuple[Any, Any]:
         """Queue `host.copy_(tensor)` on a side stream, ordered after the work already
-        queued on the tensor's current stream; returns the event marking the copy's end.
+        queued on the tensor's current stream. Returns the event marking the copy's end,
+        and that current stream (the one to make wait before the tensor is reused).
 
         Why a side stream: a device-to-host copy queued between an engine's kernels (or CUDA
         graph replays) holds back the work behind it; measured on an H100 between graph
@@ -67,30 +85,23 @@ class PinnedPool:
         """
         import torch
 
-        if self._streams is None:
-            from .cuda_timing import StreamLookup
-
-            self._streams = StreamLookup(torch)
         index = tensor.device.index
-        current = self._streams.current(index)
         side = self._copy_streams.get(index)
-        if side is None:
-            side = self._copy_streams[index] = torch.cuda.Stream(device=tensor.device)
-        queued = self._event()
+        if side is None or self._streams is None:
+            self.prepare_device(index, 0)
+            side = self._copy_streams[index]
+        current = self._streams.current(index)
+        queued = self._event(index)
         queued.record(current)
         side.wait_event(queued)
+        # The wait captured the record: `queued` may be recorded again by the next copy.
+        self._events.setdefault(index, []).append(queued)
         with torch.cuda.stream(side):
             host.copy_(tensor, non_blocking=True)
         tensor.record_stream(side)
-        done = self._event()
+        done = self._event(index)
         done.record(side)
-        self._events.append(queued)  # reusable once recorded again: ordering is captured
-        return done
-
-    def after_copy(self, event: Any, device_index: int | None) -> None:
-        """Make the current stream wait (on the device, not the host) for a copy, so work
-        queued from now on may overwrite the tensor it read."""
-        self._streams.current(device_index).wait_event(event)
+        return done, current
 
     def take(self, length: int, dtype: Any) -> Any:
         if self._cooling:
@@ -104,23 +115,24 @@ class PinnedPool:
         capacity = 1 << max(8, (length - 1).bit_length())  # powers of two, at least 256
         return torch.empty(capacity, dtype=dtype, pin_memory=True)
 
-    def give(self, buffer: Any, event: Any = None) -> None:
-        """Return a buffer; with `event`, only once the copy into it has completed."""
+    def give(self, buffer: Any, event: Any = None, device_index: int = 0) -> None:
+        """Return a buffer; with `event` (on device `device_index`), only once the copy into
+        it has completed."""
         if event is not None and not event.query():
-            self._cooling.append((buffer, event))
+            self._cooling.append((buffer, event, device_index))
             return
         self._free.setdefault(buffer.dtype, []).append(buffer)
         if event is not None:
-            self._events.append(event)
+            self._events.setdefault(device_index, []).append(event)
 
     def _reclaim(self) -> None:
         still = []
-        for buffer, event in self._cooling:
+        for buffer, event, index in self._cooling:
             if event.query():
                 self._free.setdefault(buffer.dtype, []).append(buffer)
-                self._events.append(event)
+                self._events.setdefault(index, []).append(event)
             else:
-                still.append((buffer, event))
+                still.append((buffer, event, index))
         self._cooling = still
 
     def reserve(self, length: int, dtypes: tuple[Any, ...], count: int) -> None:
@@ -139,7 +151,8 @@ class DeviceArray:
     it is. `release_source()` makes the engine's stream wait for the copy, on the device.
     """
 
-    __slots__ = ("_buffer", "_host", "_event", "_pool", "_device", "what", "length")
+    __slots__ = ("_buffer", "_host", "_event", "_stream", "_pool", "_device", "what",
+                 "length")
 
     def __init__(self, tensor: Any, what: str, pool: PinnedPool) -> None:
 
@@ -149,10 +162,16 @@ class DeviceArray:
         self._device = tensor.device.index
         self._buffer = pool.take(self.length, tensor.dtype)
         self._host = self._buffer[: self.length]
-        self._event = pool.copy_to_host(tensor.detach(), self._host)
+        try:
+            self._event, self._stream = pool.copy_to_host(tensor.detach(), self._host)
+        except BaseException:
+            pool.give(self._buffer)  # nothing was queued into it
+            raise
 
     def release_source(self) -> None:
-        self._pool.after_copy(self._event, self._device)
+        """The stream that produced the tensor waits (on the device) for the copy: work
+        queued on it from now on may overwrite or free the tensor."""
+        self._stream.wait_event(self._event)
 
     def ready(self) -> bool:
         return bool(self._event.query())
@@ -163,12 +182,12 @@ class DeviceArray:
 
     def discard(self) -> None:
         """Give the buffer back unread (the step was dropped)."""
-        self._pool.give(self._buffer, self._event)
+        self._pool.give(self._buffer, self._event, self._device)
 
     def result(self) -> np.ndarray:
         """The checked host array; the pinned buffer goes back to the pool."""
         array = np.array(self._host.numpy())  # a copy: the buffer is reused
-        self._pool.give(self._buffer, self._event)  # completed: both are reused
+        self._pool.give(self._buffer, self._event, self._device)  # completed: both reused
         return _check_array(array, self.what)
 
 

@@ -58,33 +58,57 @@ def test_device_counts_are_read_later_without_any_sync(registry, provider):
     assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
 
 
+def _copy_stream(hooks):
+    streams = list(hooks._pinned._copy_streams.values())
+    assert len(streams) == 1 and streams[0] != torch.cuda.current_stream()
+    return streams[0]
+
+
 def test_counts_are_copied_off_the_engine_stream_and_ordered_before_reuse(registry):
     """The copy runs on a side stream after the work queued before verify_end, and the
-    engine's stream waits for it from end_step on: an in-place overwrite queued after
-    end_step never reaches the counted values, even while the device is still busy."""
+    engine's stream waits for it from end_step on. The side stream is held back by a
+    sleep queued on it, so without that wait the engine's in-place overwrite after
+    end_step would always land before the copy read the counts."""
     hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
                                          max_draft_tokens=4)
     hooks.warm_up_device(4)
+    copies = _copy_stream(hooks)  # made at start-up, not in the first verify_end
     accepted = torch.zeros(4, dtype=torch.int64, device="cuda")
-    engine_stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    for _ in range(5):
+        with torch.cuda.stream(copies):
+            torch.cuda._sleep(SLEEP_CYCLES // 10)  # the copy queued below waits for this
+        _step(hooks, lambda: accepted.fill_(3), 4)
+        accepted.fill_(0)  # the engine reuses its buffer (a graph's static output)
+    hooks.flush()
+    assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == 5 * 4 * 3
+
+
+def test_a_tensor_freed_after_verify_end_is_not_reused_before_the_copy(registry):
+    """record_stream: the engine drops its tensor right after verify_end and allocates a
+    new one of the same size; the caching allocator must not hand it the same memory
+    while the (delayed) copy has not read it yet."""
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(4)
+    copies = _copy_stream(hooks)
     torch.cuda.synchronize()
     for _ in range(5):
         hooks.begin_step()
         hooks.draft_start()
         hooks.draft_end()
         hooks.verify_start()
-        torch.cuda._sleep(SLEEP_CYCLES // 10)  # the verify kernels, still running below
-        accepted.fill_(3)  # produced by the engine's last verify kernel
+        accepted = torch.full((4,), 2, dtype=torch.int64, device="cuda")
+        with torch.cuda.stream(copies):
+            torch.cuda._sleep(SLEEP_CYCLES // 10)
         hooks.verify_end(accepted, 4)
-        hooks.draft_extend_start()
-        hooks.draft_extend_end()
+        del accepted
+        torch.zeros(4, dtype=torch.int64, device="cuda")  # same size: a candidate block
         hooks.end_step()
-        accepted.fill_(0)  # the engine reuses its buffer (a graph's static output)
-    copy_streams = list(hooks._pinned._copy_streams.values())
-    assert len(copy_streams) == 1 and copy_streams[0] != engine_stream
     hooks.flush()
     assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
-                        "spec_decode_accepted_tokens_total") == 5 * 4 * 3
+                        "spec_decode_accepted_tokens_total") == 5 * 4 * 2
 
 
 def test_bad_device_values_are_caught_when_read(registry):

@@ -227,6 +227,8 @@ class Engine:
         stages.extend(view, prop, verified)
         if h is not None:
             h.draft_extend_end()
+        verified = stages.finish(view, prop, verified)
+        assert verified.packed is not None and verified.lens_next is not None
         self.lens, self.pending = verified.lens_next, verified.next_token
         if h is not None:
             h.end_step()

@@ -15,7 +15,7 @@ runs steps with fewer rows than the batch (a finite workload draining) eagerly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -30,8 +30,9 @@ __all__ = ["EagerStages", "GraphedStages", "Verified"]
 class Verified:
     accepted: torch.Tensor  # [B] draft tokens kept per row
     next_token: torch.Tensor  # [B] the target's token after them
-    packed: torch.Tensor  # [B, 1 + k + 1]: accepted, then the emitted tokens (padded)
-    lens_next: torch.Tensor  # [B] cached positions after this step
+    # Set by `finish` (eager) or inside the verify graph:
+    packed: Optional[torch.Tensor] = None  # [B, 1 + k + 1]: accepted, then emitted tokens
+    lens_next: Optional[torch.Tensor] = None  # [B] cached positions after this step
 
 
 def _emitted(tokens: torch.Tensor, accepted: torch.Tensor, next_token: torch.Tensor,
@@ -64,19 +65,27 @@ class EagerStages:
         else:
             accepted, nxt = self.acceptor(probs(logits, view.temperature), prop.q,
                                           prop.tokens, prop.lengths, view.generator)
-        # New tensors every step: the hooks may still be reading `accepted`.
-        return Verified(accepted, nxt, *_emitted(prop.tokens, accepted, nxt, view.lens))
+        return Verified(accepted, nxt)  # new tensors every step
 
     def extend(self, view: BatchView, prop: Proposal, verified: Verified) -> None:
         self.drafter.extend(view, verified.accepted, prop)  # type: ignore[attr-defined]
+
+    def finish(self, view: BatchView, prop: Proposal, verified: Verified) -> Verified:
+        """The emitted tokens and new lengths, after the hooked stages (not timed)."""
+        packed, lens_next = _emitted(prop.tokens, verified.accepted, verified.next_token,
+                                     view.lens)
+        return Verified(verified.accepted, verified.next_token, packed, lens_next)
 
 
 class GraphedStages:
     """Captured draft / verify / draft_extend graphs for ``batch`` rows, greedy decoding.
 
-    ``prepare`` copies the step's inputs into static buffers; outputs are static tensors
-    that the next replay overwrites (the hooks' copy of the accepted counts is ordered
-    before that: the engine's stream waits for it from ``end_step`` on).
+    ``prepare`` copies the step's inputs into static buffers. Outputs are static tensors,
+    valid until the next step's ``draft``: the three graphs share one memory pool, so that
+    replay may reuse their memory. The engine reads them before (its one host copy, and
+    ``prepare``), and the hooks' copy of the accepted counts is ordered before it: the
+    engine's stream waits for that copy from ``end_step`` on. The graphs hold the
+    addresses of both KV caches; ``prepare`` checks they are still the ones captured.
     """
 
     def __init__(self, target: GPT, drafter: ModelDrafter, cache: KVCache, batch: int,
@@ -90,6 +99,8 @@ class GraphedStages:
             raise ValueError(f"KV cache has {cache.rows} rows, the graphs need {batch}")
         dev = target.device
         self.batch, self.k = batch, k
+        self._drafter = drafter
+        self._caches = (cache, drafter.cache)  # captured addresses: must stay allocated
         self.pending = torch.zeros(batch, dtype=torch.long, device=dev)
         self.lens = torch.zeros(batch, dtype=torch.long, device=dev)
         # kv_bound = seq_cap: the forward clamps kv_len to the cache, so every replay
@@ -132,10 +143,11 @@ class GraphedStages:
 
     def prepare(self, view: BatchView) -> None:
         """Copy this step's pending tokens and cached lengths into the static inputs."""
-        if view.pending is not self.pending:
-            self.pending.copy_(view.pending)
-        if view.lens is not self.lens:
-            self.lens.copy_(view.lens)
+        if self._caches[1] is not self._drafter.cache:
+            raise RuntimeError("the drafter's KV cache was reallocated after the CUDA graphs "
+                               "were captured; build a new engine instead")
+        self.pending.copy_(view.pending)
+        self.lens.copy_(view.lens)
 
     def draft(self, view: BatchView, k: int) -> Proposal:
         self._graphs[0].replay()
@@ -147,3 +159,6 @@ class GraphedStages:
 
     def extend(self, view: BatchView, prop: Proposal, verified: Verified) -> None:
         self._graphs[2].replay()
+
+    def finish(self, view: BatchView, prop: Proposal, verified: Verified) -> Verified:
+        return verified  # computed inside the verify graph

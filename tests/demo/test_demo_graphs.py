@@ -81,10 +81,22 @@ def test_graphed_engine_metrics_equal_its_counters(target: GPT) -> None:
     eng = Engine(model, ModelDrafter(model), EngineConfig(
         batch_size=8, k=4, arrival_rate=None, clock="virtual", seed=2, cuda_graphs=True),
         hooks=hooks)
-    counters = eng.run(steps=60)
-    hooks.flush()
-    families = {f.name: f for f in text_string_to_metric_families(
-        generate_latest(registry).decode())}
+    replays = {"verify": 0}
+    graph_verify = eng.graphs.verify
+
+    def counted(*args):
+        replays["verify"] += 1
+        return graph_verify(*args)
+
+    eng.graphs.verify = counted
+    try:
+        counters = eng.run(steps=60)
+        hooks.flush()
+        text = generate_latest(registry).decode()
+    finally:
+        hooks.close()
+    assert replays["verify"] == 60  # closed loop: the batch stays full, every step replayed
+    families = {f.name: f for f in text_string_to_metric_families(text)}
 
     def value(family: str, sample: str, **labels: str) -> float:
         found = [s.value for s in families[family].samples if s.name == sample
@@ -100,4 +112,3 @@ def test_graphed_engine_metrics_equal_its_counters(target: GPT) -> None:
         assert value("spec_decode_accepted_tokens_per_position",
                      "spec_decode_accepted_tokens_per_position_total", method="draft_model",
                      position=str(p)) == counters.accepted_per_pos[p]
-    hooks.close()
