@@ -43,6 +43,18 @@ def _copy_to_cuda(target: GPT) -> GPT:
     return model.cuda()
 
 
+def _count_replays(stages, name: str) -> list[int]:
+    """Wrap one stage of `stages` so its calls are counted in the returned one-item list."""
+    calls, replay = [0], getattr(stages, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return replay(*args)
+
+    setattr(stages, name, counted)
+    return calls
+
+
 @needs_cuda
 def test_graphs_refuse_the_ngram_drafter(target: GPT) -> None:
     with pytest.raises(ValueError, match="model drafter only"):
@@ -57,18 +69,11 @@ def test_graphed_engine_is_token_identical_to_plain_greedy(target: GPT,
     model = _copy_to_cuda(target)
     reference = [plain_greedy_generate(model, p, MAX_NEW, eos_id=0) for p in prompts]
     eng = Engine(model, ModelDrafter(model), _config())
-    replays = {"draft": 0}
-    graph_draft = eng.graphs.draft
-
-    def counted(*args):
-        replays["draft"] += 1
-        return graph_draft(*args)
-
-    eng.graphs.draft = counted
+    drafts = _count_replays(eng.graphs, "draft")
     reqs = [eng.submit(p, MAX_NEW) for p in prompts]
     counters = eng.run()
     assert [r.output for r in reqs] == reference
-    assert 0 < replays["draft"] < counters.steps  # graphed while full, eager at the tail
+    assert 0 < drafts[0] < counters.steps  # graphed while full, eager at the tail
     assert counters.acceptance_rate > 0.5
 
 
@@ -81,21 +86,14 @@ def test_graphed_engine_metrics_equal_its_counters(target: GPT) -> None:
     eng = Engine(model, ModelDrafter(model), EngineConfig(
         batch_size=8, k=4, arrival_rate=None, clock="virtual", seed=2, cuda_graphs=True),
         hooks=hooks)
-    replays = {"verify": 0}
-    graph_verify = eng.graphs.verify
-
-    def counted(*args):
-        replays["verify"] += 1
-        return graph_verify(*args)
-
-    eng.graphs.verify = counted
+    verifies = _count_replays(eng.graphs, "verify")
     try:
         counters = eng.run(steps=60)
         hooks.flush()
         text = generate_latest(registry).decode()
     finally:
         hooks.close()
-    assert replays["verify"] == 60  # closed loop: the batch stays full, every step replayed
+    assert verifies[0] == 60  # closed loop: the batch stays full, every step replayed
     families = {f.name: f for f in text_string_to_metric_families(text)}
 
     def value(family: str, sample: str, **labels: str) -> float:
