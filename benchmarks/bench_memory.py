@@ -36,11 +36,12 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client import CollectorRegistry
-from prometheus_client.openmetrics import exposition as openmetrics
 
 from spec_metrics import SpecDecodeHooks
-from spec_metrics.exemplars import mark_rendered_shown
+from spec_metrics.exposition import metrics_response
 from spec_metrics.spans import SpanExportProcessor
+
+OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_hooks import report  # noqa: E402
@@ -131,8 +132,10 @@ def run(steps: int, every: int, warmup: int, export_timeout: float,
         hooks.draft_extend_end()
         hooks.end_step()
         if i % every == 0 or i == steps:
-            body = openmetrics.generate_latest(registry)  # a scrape, as Prometheus would
-            mark_rendered_shown()
+            # A scrape, as Prometheus would, marking its exemplars shown as /metrics does.
+            response = metrics_response(registry, "GET", OPENMETRICS_ACCEPT, None, "")
+            response.sent()
+            body = response.body
             scrape_bytes = len(body)
             samples.append(sample(i, started))
     loop_s = time.perf_counter() - started

@@ -15,7 +15,7 @@ engine's hooks wait while scrapes render concurrently.
 2. Concurrent: one thread runs hook steps at full rate (batch 256, K 4, numpy accepted,
    default tracing: ratio 0.01 + outliers) while N threads answer /metrics requests in a
    tight loop (`metrics_response` with Prometheus' Accept header, then
-   `mark_rendered_shown()` as spec_metrics' server does, then the classic format).
+   `.sent()` as spec_metrics' server does, then the classic format).
    Phases of `--seconds` each: no scrapers, then N scrapers for each N in `--scrapers`,
    each with the collector's lock plain and with a timing wrapper (acquire-wait and hold
    per acquisition). Reported: each `end_step()` call (it hands the step to the collector),
@@ -49,7 +49,6 @@ from spec_metrics import SpecDecodeHooks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_hooks import report  # noqa: E402
 
-from spec_metrics.exemplars import mark_rendered_shown
 from spec_metrics.exposition import metrics_response, render
 
 # What Prometheus 2.42 sends when it scrapes.
@@ -210,8 +209,7 @@ def bench_render(label_sets: int, renders: int, steps_per_set: int,
 def scraper(registry: CollectorRegistry, stop: threading.Event, out: list[int]) -> None:
     while not stop.is_set():
         t0 = perf_counter_ns()
-        metrics_response(registry, "GET", PROMETHEUS_ACCEPT, None, "")
-        mark_rendered_shown()
+        metrics_response(registry, "GET", PROMETHEUS_ACCEPT, None, "").sent()
         metrics_response(registry, "GET", "text/plain", None, "")
         out.append(perf_counter_ns() - t0)
 

@@ -18,6 +18,8 @@ __all__ = [
     "OTHER_LABEL_VALUE",
     "STAGES",
     "DROP_REASONS",
+    "SKIP_REASONS",
+    "WITHHELD_REASONS",
     "DEFAULT_STAGE_BUCKETS",
     "DEFAULT_STEP_BUCKETS",
     "DEFAULT_MAX_DRAFT_TOKENS",
@@ -55,6 +57,21 @@ DROP_REASONS: dict[str, str] = {
     "bad_traceparent": "a request trace context that is not a valid W3C traceparent",
     "pending_overflow": "too many steps waiting for device results; the oldest was dropped",
     "internal_error": "an unexpected error inside spec_metrics (please report it)",
+}
+
+# Why a step selected for tracing (slow, outlier, sampled request, ratio) was not traced;
+# the values of spec_metrics_traced_steps_skipped_total{reason}.
+SKIP_REASONS: dict[str, str] = {
+    "rate_limited": "over max_traced_steps_per_second (ratio-sampled steps give way first)",
+    "not_sampled": "the tracer provider's sampler dropped the step span",
+    "no_tracer": "no OpenTelemetry SDK tracer provider is set up: spans are no-ops",
+}
+
+# Why a traced step's exemplars never reached /metrics; the values of
+# spec_metrics_exemplars_withheld_total{reason}.
+WITHHELD_REASONS: dict[str, str] = {
+    "span_lost": "a span of the step was lost before export (queue full, export failed or "
+                 "timed out, shutdown), as reported by spec_metrics.SpanExportProcessor",
 }
 
 # Label names the library sets itself; user constant labels must not use them.
@@ -141,6 +158,21 @@ METRICS: tuple[MetricSpec, ...] = (
         "maximum number of distinct values (max_methods), by label.",
         "", ("label",),
     ),
+    MetricSpec(
+        "spec_metrics_traced_steps_skipped_total", "counter",
+        "Steps selected for tracing (slow, outlier, sampled request or ratio) whose spans were "
+        "not made, by reason: rate_limited (over max_traced_steps_per_second; ratio-sampled "
+        "steps give way first), not_sampled (the tracer provider's sampler dropped the span), "
+        "no_tracer (no SDK tracer provider).",
+        "", ("reason",),
+    ),
+    MetricSpec(
+        "spec_metrics_exemplars_withheld_total", "counter",
+        "Traced steps whose exemplars were withheld from /metrics because their spans were "
+        "not exported, by reason: span_lost (queue full, export failed or timed out, shutdown; "
+        "known with spec_metrics.SpanExportProcessor only).",
+        "", ("reason",),
+    ),
 )
 
 # Label value that steps of methods beyond `max_methods` are recorded under.
@@ -148,15 +180,20 @@ OTHER_LABEL_VALUE = "other"
 
 # Spans of spec_metrics' own export pipeline (spans.py), one set per process: they carry no
 # constant labels and no `method`, since the export queue is shared by every hooks object.
-SPAN_DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "shutdown")
+SPAN_DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "export_timeout",
+                                      "shutdown")
 SPAN_EXPORT_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("spec_metrics_spans_exported_total", "counter",
-               "Spans the exporter accepted (spec_metrics.SpanExportProcessor).", "", (),
+               "Spans the exporter accepted (spec_metrics.SpanExportProcessor; summed over "
+               "every processor registered in the registry).", "", (),
                const_labels=False),
     MetricSpec("spec_metrics_spans_dropped_total", "counter",
                "Spans lost before export, by reason: queue_full (the bounded queue was full), "
                "export_failed (the exporter returned failure, e.g. the collector is down), "
-               "shutdown (still queued when shutdown ran out of time).", "", ("reason",),
+               "export_timeout (no answer within the export timeout; they may still arrive, "
+               "their exemplars are withheld), shutdown (still queued when shutdown ran out of "
+               "time, or ended after shutdown). Summed over every SpanExportProcessor "
+               "registered in the registry.", "", ("reason",),
                const_labels=False),
 )
 

@@ -26,11 +26,13 @@ from .catalog import (
     DEFAULT_STEP_BUCKETS,
     METRICS,
     OTHER_LABEL_VALUE,
+    SKIP_REASONS,
     STAGES,
+    WITHHELD_REASONS,
     MetricSpec,
 )
-from .drops import DropCounter
-from .exemplars import RenderLog
+from .drops import DropCounter, Tally
+from .exemplars import ShownExemplars
 from .forking import reset_after_fork
 from .inputs import AcceptSummary
 from .series import COUNTERS_WITH_EXEMPLARS, MethodSeries, Snapshot, StepExemplars, peek_all
@@ -85,16 +87,19 @@ class SpecDecodeCollector(Collector):
         self.stage_buckets = tuple(stage_buckets)
         self.step_buckets = tuple(step_buckets)
         self.drops = drops or DropCounter()
+        # What the trace sinks decided not to do: selected steps not traced, exemplars of
+        # steps whose spans were lost.
+        self.skipped = Tally(SKIP_REASONS)
+        self.withheld = Tally(WITHHELD_REASONS)
         self._series: dict[str, MethodSeries] = {}
         self._lock = threading.Lock()
         self._hold = exemplar_hold_seconds
-        self._render_log = RenderLog(self._lock)
         self._label_names = tuple(self.const_labels)
         self._label_values = tuple(self.const_labels.values())
         self._deferred: deque = deque()  # steps that found the lock held (see consume)
         # Text prefixes per method, family headers per format (True: OpenMetrics).
         self._texts: dict[str, SeriesText] = {}
-        self._drop_prefixes: dict[str, str] = {}
+        self._drop_prefixes: dict[tuple[str, str], str] = {}
         self._folded_prefix: str | None = None
         self._headers = {om: [family_header(self._family(spec), om) for spec in METRICS]
                          for om in (True, False)}
@@ -111,8 +116,9 @@ class SpecDecodeCollector(Collector):
         self._deferred = deque()
         self._texts = {}
         self._drop_prefixes = {}
-        self._render_log._reset_after_fork(self._lock)
         self.drops._reset_after_fork()
+        self.skipped._reset_after_fork()
+        self.withheld._reset_after_fork()
 
     def check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
         """Another hooks object shares this collector: refuse settings it would ignore
@@ -205,15 +211,14 @@ class SpecDecodeCollector(Collector):
             if exemplars is not None:
                 span_id = exemplars.stage_span_ids[stage_index]
                 if span_id is not None:
-                    histogram.exemplars.offer(
-                        bucket, exemplars.exemplar(span_id, seconds), exemplars.priority, now
-                    )
+                    histogram.exemplars.offer(bucket, exemplars.exemplar(span_id, seconds),
+                                              exemplars.priority, now, exemplars.ticket)
         if step_seconds is not None:
             bucket = series.step.observe(step_seconds)
             if exemplars is not None:
                 series.step.exemplars.offer(
                     bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
-                    exemplars.priority, now,
+                    exemplars.priority, now, exemplars.ticket,
                 )
         if summary is not None:
             series.accepted_hist += summary.accepted_hist
@@ -227,12 +232,14 @@ class SpecDecodeCollector(Collector):
         verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
         for length in np.flatnonzero(summary.accepted_hist).tolist():
             series.accepted_exemplars.offer(
-                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority, now
+                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority, now,
+                exemplars.ticket,
             )
         increments = (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted)
         for index, value in enumerate(increments):
             series.counter_exemplars.offer(
-                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority, now
+                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority, now,
+                exemplars.ticket,
             )
 
     # ---- exposition ------------------------------------------------------------------
@@ -267,6 +274,8 @@ class SpecDecodeCollector(Collector):
             ]
             drops = dict(self.drops.counts)
             folded = self.folded
+            skipped = dict(self.skipped.counts)
+            withheld = dict(self.withheld.counts)
         series_data = []
         for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
             summary = AcceptSummary(accepted_hist, draft_hist)
@@ -274,7 +283,7 @@ class SpecDecodeCollector(Collector):
                       summary.per_position(draft_hist), summary.per_position(accepted_hist))
             series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
                                 counter_ex, totals))
-        return Snapshot(series_data, drops, folded)
+        return Snapshot(series_data, drops, folded, skipped, withheld)
 
     def collect(self) -> Iterator[Metric]:
         if getattr(_RENDER_REQUEST, "active", False):
@@ -283,9 +292,9 @@ class SpecDecodeCollector(Collector):
             return
         families = {spec.name: self._family(spec) for spec in METRICS}
         const = self._label_values
-        shown: list = []
-        snapshot = self.snapshot(shown)
-        self._render_log.record(shown)
+        # Read by prometheus_client's writers (or any code): nothing is marked shown, the
+        # hold time bounds how long these exemplars block lower-priority ones.
+        snapshot = self.snapshot([])
         stage_les, step_les, length_les, positions = self._layout()
         for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
                 snapshot.series):
@@ -309,31 +318,38 @@ class SpecDecodeCollector(Collector):
             families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))
         families["spec_metrics_label_values_folded_total"].add_metric(
             ["method", *const], float(snapshot.folded))
+        for name, counts in (("spec_metrics_traced_steps_skipped_total", snapshot.skipped),
+                             ("spec_metrics_exemplars_withheld_total", snapshot.withheld)):
+            for reason, value in counts.items():
+                families[name].add_metric([reason, *const], float(value))
         yield from families.values()
 
-    def render_text(self, openmetrics: bool) -> str:
+    def render_text(self, openmetrics: bool) -> tuple[str, ShownExemplars]:
         """This collector's families as prometheus_client would write them (OpenMetrics
-        1.0 or classic text, legacy name escaping), from cached per-series prefixes."""
+        1.0 or classic text, legacy name escaping), from cached per-series prefixes, and
+        the exemplars the text carries, to be marked shown once the response was sent."""
         shown: list = []
         snapshot = self.snapshot(shown)
-        self._render_log.record(shown if openmetrics else [])
         texts = self._texts
         for method, *_ in snapshot.series:
             if method not in texts:
                 texts[method] = self._series_text(method)
         headers = self._headers[openmetrics]
         drop_prefixes = self._drop_prefixes
-        for reason in snapshot.drops:
-            if reason not in drop_prefixes:
-                labels = label_text({"reason": reason, **self.const_labels})
-                drop_prefixes[reason] = f"spec_metrics_dropped_total{labels} "
+        for name, counts in (("spec_metrics_dropped_total", snapshot.drops),
+                             ("spec_metrics_traced_steps_skipped_total", snapshot.skipped),
+                             ("spec_metrics_exemplars_withheld_total", snapshot.withheld)):
+            for reason in counts:
+                if (name, reason) not in drop_prefixes:
+                    labels = label_text({"reason": reason, **self.const_labels})
+                    drop_prefixes[(name, reason)] = f"{name}{labels} "
         if self._folded_prefix is None:
             labels = label_text({"label": "method", **self.const_labels})
             self._folded_prefix = f"spec_metrics_label_values_folded_total{labels} "
         out: list[str] = []
         render_snapshot(snapshot, texts, headers, drop_prefixes, self._folded_prefix,
                         openmetrics, out)
-        return "".join(out)
+        return "".join(out), ShownExemplars(self._lock, shown if openmetrics else [])
 
     def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:
         stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]

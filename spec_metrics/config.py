@@ -97,6 +97,11 @@ class HooksConfig:
     # overflow the span processor's queue (its default holds 2048 spans = 512 steps), since
     # an exemplar must point at a span that is really exported.
     max_traced_steps_per_second: float = 100.0
+    # Links from a step span to the request contexts of its batch (sampled ones first); the
+    # rest are counted in the span's spec_decode.links_dropped attribute. The tracer
+    # provider's own span limit (OTEL_SPAN_LINK_COUNT_LIMIT, 128 by default in the SDK) caps
+    # it too: make_tracer_provider sets it to 1024.
+    max_links_per_step: int = 256
     # An exemplar is kept until an OpenMetrics scrape has shown it, or for this long.
     exemplar_hold_seconds: float = 60.0
 
@@ -175,6 +180,8 @@ class HooksConfig:
         _check(self.max_traced_steps_per_second > 0,
                "max_traced_steps_per_second must be > 0, "
                f"got {self.max_traced_steps_per_second!r}")
+        _check(isinstance(self.max_links_per_step, int) and self.max_links_per_step >= 0,
+               f"max_links_per_step must be an integer >= 0, got {self.max_links_per_step!r}")
         _check(self.exemplar_hold_seconds >= 0,
                f"exemplar_hold_seconds must be >= 0, got {self.exemplar_hold_seconds!r}")
         _check(self.warn_interval_seconds >= 0,

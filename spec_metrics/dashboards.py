@@ -46,6 +46,8 @@ DRAFT_POS = by_name("spec_decode_draft_tokens_per_position_total")
 ACCEPTED_POS = by_name("spec_decode_accepted_tokens_per_position_total")
 DROPPED = by_name("spec_metrics_dropped_total")
 FOLDED = by_name("spec_metrics_label_values_folded_total")
+SKIPPED = by_name("spec_metrics_traced_steps_skipped_total")
+WITHHELD = by_name("spec_metrics_exemplars_withheld_total")
 
 
 @functools.cache
@@ -263,17 +265,27 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
                     "tokens.", "tokens/s",
                     [_target(emitted, "A", "{{method}} emitted"),
                      _target(q.rate(ACCEPTED_TOKENS.name, "method"), "B",
-                             "{{method}} accepted draft")], w=8),
+                             "{{method}} accepted draft")], w=6),
         _timeseries("Drafts/s", "Draft sequences verified per second, and decode steps per "
                     "second.", "short",
                     [_target(q.rate(DRAFTS.name, "method"), "A", "{{method}} drafts/s"),
-                     _target(steps, "B", "{{method}} steps/s")], w=8),
+                     _target(steps, "B", "{{method}} steps/s")], w=6),
         _timeseries("Dropped observations by reason",
                     f"`{DROPPED.name}`: hook inputs rejected instead of recorded; "
                     f"`{FOLDED.name}`: steps recorded under method=\"other\" because "
                     "max_methods was reached.", "short",
                     [_target(q.rate(DROPPED.name, "reason"), "A", "{{reason}}"),
-                     _target(q.rate(FOLDED.name, "label"), "B", "folded {{label}}")], w=8),
+                     _target(q.rate(FOLDED.name, "label"), "B", "folded {{label}}")], w=6),
+        _timeseries("Tracing: skipped steps, withheld exemplars",
+                    f"`{SKIPPED.name}`: steps selected for tracing (slow, outlier, sampled "
+                    "request, ratio) whose spans were not made, e.g. rate_limited over "
+                    f"max_traced_steps_per_second; `{WITHHELD.name}`: traced steps whose "
+                    "exemplars were withheld because their spans were lost before export. "
+                    "Either above zero means some spikes have no trace to click through to.",
+                    "short",
+                    [_target(q.rate(SKIPPED.name, "reason"), "A", "skipped {{reason}}"),
+                     _target(q.rate(WITHHELD.name, "reason"), "B", "withheld {{reason}}")],
+                    w=6),
     ]))
 
     dash = (g.db.Dashboard(DASHBOARD_TITLE).uid(DASHBOARD_UID)

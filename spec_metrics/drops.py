@@ -8,7 +8,7 @@ import time
 
 from .catalog import DROP_REASONS
 
-__all__ = ["DropCounter", "InputRejected", "StrictModeError", "logger"]
+__all__ = ["DropCounter", "InputRejected", "StrictModeError", "Tally", "logger"]
 
 logger = logging.getLogger("spec_metrics")
 
@@ -48,6 +48,11 @@ class DropCounter:
         self._last_warned = {}
         self._since_warned = dict.fromkeys(DROP_REASONS, 0)
 
+    def count(self, reason: str) -> None:
+        """Count one drop without a warning (the caller logs, e.g. with the traceback)."""
+        with self._lock:
+            self.counts[reason] += 1
+
     def reject(self, hook: str, reason: str, message: str, strict: bool = False) -> None:
         """Count one rejected input; raise ValueError in strict mode, else warn (rate limited)."""
         if reason not in self.counts:
@@ -71,3 +76,21 @@ class DropCounter:
             "further warnings for this reason at most every %gs",
             text, reason, tail, self._interval,
         )
+
+
+class Tally:
+    """Counts by reason of what the library decided not to do (a step not traced, an
+    exemplar withheld), for /metrics. Bumped under a lock: engine threads sharing a
+    collector and export threads both count; read without it (a dict read is atomic)."""
+
+    def __init__(self, reasons: tuple[str, ...] | dict[str, str]) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(reasons, 0)
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[reason] += n
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.counts, 0)

@@ -101,7 +101,8 @@ class SpecDecodeHooks:
         self.collector = collector
         self._drops = collector.drops
         self._tracer = (
-            TraceSink(config, self._drops, tracer_provider) if self._on and config.tracing else None
+            TraceSink(config, self._drops, tracer_provider, collector.skipped, collector.withheld)
+            if self._on and config.tracing else None
         )
         self._gpu = CudaEventTimer() if self._on and config.timer == "cuda" else None
         self._pinned = PinnedPool()
@@ -382,17 +383,28 @@ class SpecDecodeHooks:
 
     def _end(self, stage: int, hook: str) -> bool:
         now = perf_counter_ns()
-        if self._open != stage:
-            open_note = f"{STAGES[self._open]} is open" if self._open >= 0 else "no stage is open"
-            self._reject(hook, "end_without_start",
-                         f"{hook}() without {STAGES[stage]}_start() ({open_note}); dropped")
+        try:
+            if self._open != stage:
+                open_note = (f"{STAGES[self._open]} is open" if self._open >= 0
+                             else "no stage is open")
+                self._reject(hook, "end_without_start",
+                             f"{hook}() without {STAGES[stage]}_start() ({open_note}); dropped")
+                return False
+            record = self._record
+            record.ends[stage] = now  # type: ignore[union-attr]
+            if self._gpu is not None:
+                record.gpu_ends[stage] = self._gpu.mark()  # type: ignore[union-attr,index]
+            self._open = -1
+            return True
+        except StrictModeError:
+            raise
+        except Exception:
+            # E.g. the CUDA event could not be recorded: this stage is forgotten, the step
+            # goes on without it.
+            if self._open == stage:
+                self._forget_open()
+            self._internal_error(hook)
             return False
-        record = self._record
-        record.ends[stage] = now  # type: ignore[union-attr]
-        if self._gpu is not None:
-            record.gpu_ends[stage] = self._gpu.mark()  # type: ignore[union-attr,index]
-        self._open = -1
-        return True
 
     def _new_record(self, method: str, batch_size: int | None = None,
                     request_ids: Sequence[Any] | None = None,
@@ -405,15 +417,25 @@ class SpecDecodeHooks:
             record.gpu_ends = [None] * len(STAGES)
         return record
 
-    def _discard_open(self, hook: str) -> None:
+    def _forget_open(self) -> int:
+        """Forget the open stage as if it had not started (so it may be started again in
+        this step); return its index."""
         record = self._record
         stage = self._open
         self._open = -1
-        record.starts[stage] = 0  # type: ignore[union-attr]
-        if record.gpu_starts is not None:  # type: ignore[union-attr]
-            record.gpu_starts[stage] = None  # type: ignore[union-attr]
-        done = [i for i, end in enumerate(record.ends) if end]  # type: ignore[union-attr]
-        record.last_stage = max(done) if done else -1  # type: ignore[union-attr]
+        if record is not None:
+            record.starts[stage] = 0
+            record.ends[stage] = 0
+            if record.gpu_starts is not None:
+                record.gpu_starts[stage] = None
+            if record.gpu_ends is not None:
+                record.gpu_ends[stage] = None
+            done = [i for i, end in enumerate(record.ends) if end]
+            record.last_stage = max(done) if done else -1
+        return stage
+
+    def _discard_open(self, hook: str) -> None:
+        stage = self._forget_open()
         self._reject(hook, "stage_not_ended",
                      f"{STAGES[stage]} was started and never ended before {hook}(); "
                      f"that {STAGES[stage]} stage was dropped")
@@ -450,7 +472,7 @@ class SpecDecodeHooks:
         self._drops.reject(hook, reason, message, self._strict)
 
     def _internal_error(self, hook: str) -> None:
-        self._drops.counts["internal_error"] += 1
+        self._drops.count("internal_error")  # under the counter's lock: threads share it
         logger.exception("spec_metrics.%s: internal error, step data dropped (please report)", hook)
 
 

@@ -79,7 +79,7 @@ class StepScope:
 
 
 def _drop_quietly(hooks: "SpecDecodeHooks", stage: int) -> None:
-    """The engine raised inside a stage: forget that stage, it is not bad input."""
-    if hooks._open == stage and hooks._record is not None:
-        hooks._record.starts[stage] = 0
-        hooks._open = -1
+    """The engine raised inside a stage: forget that stage (it is not bad input), so that
+    the engine may retry it in the same step."""
+    if hooks._open == stage:
+        hooks._forget_open()

@@ -15,6 +15,7 @@ from prometheus_client.samples import Exemplar
 
 from .catalog import STAGES
 from .exemplars import ExemplarSlots
+from .span_fate import ExportTicket
 
 __all__ = ["COUNTERS_WITH_EXEMPLARS", "MethodSeries", "Snapshot", "StepExemplars", "peek_all"]
 
@@ -33,20 +34,24 @@ class Snapshot(NamedTuple):
     series: list[tuple]
     drops: dict[str, int]
     folded: int  # steps recorded under method="other"
+    skipped: dict[str, int]  # steps selected for tracing and not traced, by reason
+    withheld: dict[str, int]  # traced steps whose exemplars were withheld, by reason
 
 
 class StepExemplars:
     """Where a traced step's spans are, so its observations can carry exemplars."""
 
-    __slots__ = ("trace_id", "step_span_id", "stage_span_ids", "priority", "timestamp")
+    __slots__ = ("trace_id", "step_span_id", "stage_span_ids", "priority", "timestamp",
+                 "ticket")
 
     def __init__(self, trace_id: str, step_span_id: str, stage_span_ids: Sequence[str | None],
-                 priority: int, timestamp: float) -> None:
+                 priority: int, timestamp: float, ticket: ExportTicket | None = None) -> None:
         self.trace_id = trace_id
         self.step_span_id = step_span_id
         self.stage_span_ids = stage_span_ids  # indexed like STAGES
         self.priority = priority
         self.timestamp = timestamp  # seconds since the epoch, the step's end
+        self.ticket = ticket  # whether the spans were exported yet (None: assume so)
 
     def exemplar(self, span_id: str, value: float) -> Exemplar:
         return Exemplar({"trace_id": self.trace_id, "span_id": span_id}, value, self.timestamp)

@@ -24,7 +24,6 @@ from wsgiref.simple_server import make_server
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from .auth import CHALLENGE, BasicAuth
-from .exemplars import mark_rendered_shown
 from .exposition import metrics_response
 from .forking import reset_after_fork
 from .listener import (
@@ -83,12 +82,12 @@ def make_wsgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
                                                 ("WWW-Authenticate", CHALLENGE)])
             return [_UNAUTHORIZED]
         if route == "metrics":
-            status, headers, body = metrics_response(
+            response = metrics_response(
                 registry, environ.get("REQUEST_METHOD", "GET"), environ.get("HTTP_ACCEPT"),
                 environ.get("HTTP_ACCEPT_ENCODING"), environ.get("QUERY_STRING", ""))
-            start_response(status, headers)
-            _after_render([v for k, v in headers if k == "Content-Type"])
-            return [body]
+            start_response(response.status, response.headers)
+            response.sent()
+            return [response.body]
         if route == "healthz":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"ok\n"]
@@ -124,13 +123,15 @@ def make_asgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
         if route == "metrics":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}
-            status, out_headers, body = metrics_response(
+            response = metrics_response(
                 registry, scope.get("method", "GET"), headers.get("accept"),
                 headers.get("accept-encoding"), scope.get("query_string", b"").decode("latin-1"))
-            await send({"type": "http.response.start", "status": int(status.split()[0]),
-                        "headers": [(k.lower().encode(), v.encode()) for k, v in out_headers]})
-            await send({"type": "http.response.body", "body": body})
-            _after_render([v for k, v in out_headers if k == "Content-Type"])
+            await send({"type": "http.response.start",
+                        "status": int(response.status.split()[0]),
+                        "headers": [(k.lower().encode(), v.encode())
+                                    for k, v in response.headers]})
+            await send({"type": "http.response.body", "body": response.body})
+            response.sent()  # this response's exemplars, whatever other scrapes interleave
             return
         status, body = (200, b"ok\n") if route == "healthz" else (404, _NOT_FOUND)
         await send({"type": "http.response.start", "status": status,
@@ -138,12 +139,6 @@ def make_asgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
         await send({"type": "http.response.body", "body": body})
 
     return app
-
-
-def _after_render(content_types: list[str]) -> None:
-    # Only OpenMetrics carries exemplars: only then may newer ones replace those shown.
-    if any(t.startswith("application/openmetrics-text") for t in content_types):
-        mark_rendered_shown()
 
 
 def _is_loopback(host: str) -> bool:

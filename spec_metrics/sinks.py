@@ -62,7 +62,7 @@ class StepSinks:
             record.gpu_starts = record.gpu_ends = None
         stage_seconds, step_seconds = record.durations()
         exemplars = reason = None
-        if self._tracer is not None:
+        if self._tracer is not None and step_seconds is not None:  # a stage was timed
             reason = self._tracer.decide(stage_seconds, step_seconds, record.request_sampled)
             if reason is not None:
                 exemplars = self._tracer.emit(record, reason, record.method, summary)

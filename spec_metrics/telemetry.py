@@ -1,10 +1,12 @@
 """Tracer-provider set-up for the command line (the library itself never installs one).
 
 Spans go to an OTLP JSON-lines file (the official `opentelemetry-exporter-otlp-json-file`,
-the format the Collector's file exporter writes), to an OTLP/HTTP endpoint, or both. The
-standard `OTEL_*` variables keep working: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-`OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, and `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` when
-no endpoint is given on the command line.
+the format the Collector's file exporter writes), to an OTLP/HTTP endpoint, or both, each
+through a `SpanExportProcessor` (bounded queue, losses counted on /metrics, exemplars shown
+only for exported spans). The standard `OTEL_*` variables keep working: `OTEL_SERVICE_NAME`,
+`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*` (read by
+SpanExportProcessor), `OTEL_SPAN_LINK_COUNT_LIMIT`, and
+`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` when no endpoint is given on the command line.
 
 The provider's `shutdown()` — which the SDK also runs at interpreter exit — returns within
 `shutdown_timeout` seconds even when the span endpoint is down, where the SDK's alone can
@@ -18,8 +20,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from .drops import logger
@@ -29,6 +30,7 @@ __all__ = ["BoundedShutdownTracerProvider", "DEFAULT_SHUTDOWN_TIMEOUT_S", "make_
 
 _EXTRA = "pip install 'spec_metrics[demo]'"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+DEFAULT_MAX_LINKS = 1024
 # Past the deadline the exporters are shut down, which ends their retry waits at once; this
 # long more is granted for that. A request already on the wire (black-holed endpoint) is
 # left to its daemon thread.
@@ -53,8 +55,22 @@ class BoundedShutdownTracerProvider(TracerProvider):
         super().__init__(*args, **kwargs)
         self.shutdown_timeout = float(shutdown_timeout)
         self._exporters: list[Any] = []
+        self._counting: list[SpanExportProcessor] = []
+
+    def span_export_counts(self) -> dict[str, int] | None:
+        """Exported and dropped spans summed over this provider's SpanExportProcessors
+        (None if it has none)."""
+        if not self._counting:
+            return None
+        totals: dict[str, int] = {}
+        for processor in self._counting:
+            for key, value in processor.counts.items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
 
     def add_span_processor(self, span_processor: Any) -> None:
+        if isinstance(span_processor, SpanExportProcessor):
+            self._counting.append(span_processor)
         # The SDK's Batch/Simple processors and SpanExportProcessor expose `span_exporter`.
         exporter = getattr(span_processor, "span_exporter", None)
         if exporter is not None:
@@ -106,19 +122,25 @@ def make_tracer_provider(
     environ: Mapping[str, str] | None = None,
     registry: CollectorRegistry | None = REGISTRY,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    max_links: int = DEFAULT_MAX_LINKS,
 ) -> BoundedShutdownTracerProvider:
     """A provider exporting to a file and/or OTLP/HTTP; its shutdown (explicit or at exit)
-    takes at most `shutdown_timeout` seconds (+1 s when an export must be abandoned)."""
+    takes at most `shutdown_timeout` seconds (+1 s when an export must be abandoned). Its
+    span link limit is `max_links` (unless OTEL_SPAN_LINK_COUNT_LIMIT says otherwise), so
+    a step span keeps a link to every request of a large batch (the SDK's default is 128)."""
     environ = os.environ if environ is None else environ
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    link_limit = None if "OTEL_SPAN_LINK_COUNT_LIMIT" in environ else max_links
     provider = BoundedShutdownTracerProvider(resource=Resource.create(attributes),
-                                             shutdown_timeout=shutdown_timeout)
+                                             shutdown_timeout=shutdown_timeout,
+                                             span_limits=SpanLimits(max_links=link_limit))
     if traces_file:
         try:
             from opentelemetry.exporter.otlp.json.file import FileSpanExporter
         except ImportError as exc:
             raise SystemExit(f"--traces-file needs the OTLP JSON file exporter: {_EXTRA}") from exc
-        provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(traces_file)))
+        provider.add_span_processor(SpanExportProcessor(FileSpanExporter(traces_file),
+                                                        registry=registry))
     if otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):

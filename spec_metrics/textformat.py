@@ -102,11 +102,11 @@ class SeriesText:
 
 
 def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
-                    headers: Sequence[str], drop_prefixes: Mapping[str, str],
+                    headers: Sequence[str], drop_prefixes: Mapping[tuple[str, str], str],
                     folded_prefix: str, openmetrics: bool, out: list[str]) -> None:
     """Append the collector's families, in the order collect() yields them: stage, step,
     accepted length, the 4 counters, the 2 per-position counters, dropped input, folded
-    label values."""
+    label values, skipped traced steps, withheld exemplars."""
     series = [(texts[method], data) for method, *data in snapshot.series]
     keep = openmetrics  # only OpenMetrics carries exemplars
     out.append(headers[0])
@@ -135,6 +135,13 @@ def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
                 out.append(f"{prefix}{format_count(value)}\n")
     out.append(headers[9])
     for reason, value in snapshot.drops.items():
-        out.append(f"{drop_prefixes[reason]}{format_count(value)}\n")
+        prefix = drop_prefixes[("spec_metrics_dropped_total", reason)]
+        out.append(f"{prefix}{format_count(value)}\n")
     out.append(headers[10])
     out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")
+    for header, name, counts in (
+            (headers[11], "spec_metrics_traced_steps_skipped_total", snapshot.skipped),
+            (headers[12], "spec_metrics_exemplars_withheld_total", snapshot.withheld)):
+        out.append(header)
+        for reason, value in counts.items():
+            out.append(f"{drop_prefixes[(name, reason)]}{format_count(value)}\n")

@@ -1,9 +1,12 @@
 """The OpenTelemetry sink: decides per step whether to trace it, then builds its spans.
 
 Spans are built after the step ended, from the recorded timestamps (explicit start and end
-times), so the hooks themselves never touch OpenTelemetry. A step is traced when it is a
+times), so the hooks themselves never touch OpenTelemetry. A step is selected when it is a
 latency outlier, when a request in its batch carries a sampled trace context, or by the
-configured ratio. Exemplars are only made from spans the SDK really sampled.
+configured ratio; a token bucket caps traced steps per second, and ratio-sampled steps give
+way first so that ordinary sampling never starves a spike of budget. A selected step that is
+not traced is counted, by reason. Exemplars are only made from spans the SDK really sampled,
+and carry an export ticket (span_fate.py) so that they are shown only once exported.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
-from .catalog import STAGES
+from .catalog import SKIP_REASONS, STAGES, WITHHELD_REASONS
 from .config import HooksConfig
-from .drops import DropCounter, logger
+from .drops import DropCounter, Tally, logger
 from .exemplars import PRIORITY
 from .outliers import RunningQuantile
 from .series import StepExemplars
+from .span_fate import ExportTicket, set_current
 from .traceparent import parse_traceparent
 
 if TYPE_CHECKING:
@@ -33,11 +37,22 @@ __all__ = ["TraceSink", "SPAN_NAMES", "INSTRUMENTATION_NAME"]
 INSTRUMENTATION_NAME = "spec_metrics"
 SPAN_NAMES = {"step": "spec_decode.step", **{s: f"spec_decode.{s}" for s in STAGES}}
 _ROOT = otel_context.Context()  # an empty context: step spans are roots, linked to requests
+# Steps traced for these reasons may use the whole token bucket; "ratio" only its upper half.
+_PRIORITY_REASONS = frozenset({"slow", "outlier", "request"})
+# How often the perf_counter -> wall clock offset is measured again (NTP slews the wall
+# clock of a long-running server; perf_counter does not follow).
+CLOCK_RECALIBRATE_S = 10.0
 
 
 class TraceSink:
+    # Clocks, replaceable in tests.
+    wall_clock_ns = staticmethod(time.time_ns)
+    perf_clock_ns = staticmethod(time.perf_counter_ns)
+    monotonic = staticmethod(time.monotonic)
+
     def __init__(self, config: HooksConfig, drops: DropCounter,
-                 tracer_provider: trace.TracerProvider | None = None) -> None:
+                 tracer_provider: trace.TracerProvider | None = None,
+                 skipped: Tally | None = None, withheld: Tally | None = None) -> None:
         self._strict = config.strict
         from . import __version__
 
@@ -51,10 +66,15 @@ class TraceSink:
         self._quantile = config.outlier_quantile
         self._min_samples = config.outlier_min_samples
         self._rate = config.max_traced_steps_per_second
+        # Ratio-sampled steps leave this many tokens to slow, outlier and request steps.
+        self._reserve = self._rate / 2
+        self._max_links = config.max_links_per_step
+        self._skipped = skipped if skipped is not None else Tally(SKIP_REASONS)
+        self._withheld = withheld if withheld is not None else Tally(WITHHELD_REASONS)
         self._reset_after_fork()
         _warn_if_sampler_drops(tracer_provider)
-        # perf_counter_ns -> ns since the epoch, for explicit span times.
-        self._epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
+        _warn_if_fate_unknown(tracer_provider)
+        self._calibrate()
 
     def _reset_after_fork(self) -> None:
         """Sampling state; anew in a forked child (hooks' reset): a reseeded random source
@@ -67,8 +87,14 @@ class TraceSink:
             if quantile is not None else None
         )
         self._tokens = self._rate
-        self._refilled = time.monotonic()
+        self._refilled = self.monotonic()
         self.rate_limited = 0  # steps that qualified but exceeded the rate
+
+    def _calibrate(self) -> None:
+        """perf_counter_ns -> ns since the epoch, for explicit span and exemplar times."""
+        perf = self.perf_clock_ns()
+        self._epoch_offset_ns = self.wall_clock_ns() - perf
+        self._calibrated_at = perf
 
     def decide(self, stage_seconds: Sequence[float | None], step_seconds: float | None,
                request_sampled: bool) -> str | None:
@@ -98,28 +124,35 @@ class TraceSink:
             reason = "ratio"
         else:
             return None
-        return reason if self._take_token() else None
+        if self._take_token(reason in _PRIORITY_REASONS):
+            return reason
+        self.rate_limited += 1
+        self._skipped.add("rate_limited")
+        return None
 
-    def _take_token(self) -> bool:
+    def _take_token(self, priority: bool) -> bool:
         """Token bucket over traced steps: at most max_traced_steps_per_second, bursts of
-        one second's worth, so the span processor's queue cannot overflow."""
-        now = time.monotonic()
+        one second's worth, so the span processor's queue cannot overflow. Ratio-sampled
+        steps only take tokens above the reserve (half the bucket)."""
+        now = self.monotonic()
         self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
         self._refilled = now
-        if self._tokens >= 1.0:
+        floor = 1.0 if priority else 1.0 + self._reserve
+        if self._tokens >= floor:
             self._tokens -= 1.0
             return True
-        self.rate_limited += 1
         return False
 
     def emit(self, record: "StepRecord", reason: str, method: str,
              summary: "AcceptSummary | None") -> StepExemplars | None:
         """Build and end the step's spans; return where they are, if the SDK sampled them."""
-        offset = self._epoch_offset_ns
         starts, ends = record.starts, record.ends
         present = [i for i in range(len(STAGES)) if starts[i] and ends[i]]
         if not present:
-            return None
+            return None  # not a candidate: sinks only trace steps with a timed stage
+        if self.perf_clock_ns() - self._calibrated_at > CLOCK_RECALIBRATE_S * 1e9:
+            self._calibrate()
+        offset = self._epoch_offset_ns
         step_start = min(starts[i] for i in present) + offset
         step_end = max(ends[i] for i in present) + offset
         attributes: dict = {
@@ -133,10 +166,44 @@ class TraceSink:
             attributes["spec_decode.request_ids"] = [str(r) for r in record.request_ids]
         accept_attributes = _accept_attributes(summary) if summary is not None else {}
         attributes.update(accept_attributes)
+        links, unlinked = self._links(record)
+        if unlinked:
+            attributes["spec_decode.links_dropped"] = unlinked
         step_span = self._tracer.start_span(
             SPAN_NAMES["step"], context=_ROOT, kind=SpanKind.INTERNAL, attributes=attributes,
-            links=self._links(record), start_time=step_start,
+            links=links, start_time=step_start,
         )
+        # The processor that queues these spans reports their fate to the ticket
+        # (SpanExportProcessor); exemplars are shown once it says "exported".
+        ticket = ExportTicket(self._on_spans_lost)
+        set_current(ticket)
+        try:
+            stage_span_ids = self._stage_spans(record, present, step_span, method, summary,
+                                               accept_attributes, offset)
+            step_span.end(end_time=step_end)
+        finally:
+            set_current(None)
+        ticket.seal()
+        context = step_span.get_span_context()
+        if not context.is_valid:
+            self._skipped.add("no_tracer")
+            return None
+        if not context.trace_flags.sampled:
+            self._skipped.add("not_sampled")
+            return None  # the SDK's sampler said no: no exemplar may point here
+        step_hex = format(context.span_id, "016x")
+        # A stage span the sampler dropped: its exemplars point at the (exported) step span.
+        stage_span_ids = [span_id or step_hex for span_id in stage_span_ids]
+        return StepExemplars(format(context.trace_id, "032x"), step_hex, stage_span_ids,
+                             PRIORITY[reason], step_end / 1e9, ticket)
+
+    def _on_spans_lost(self) -> None:
+        self._withheld.add("span_lost")
+
+    def _stage_spans(self, record: "StepRecord", present: list[int], step_span: trace.Span,
+                     method: str, summary: "AcceptSummary | None", accept_attributes: dict,
+                     offset: int) -> list[str | None]:
+        starts, ends = record.starts, record.ends
         parent = trace.set_span_in_context(step_span)
         stage_span_ids: list[str | None] = [None] * len(STAGES)
         for index in present:
@@ -156,15 +223,7 @@ class TraceSink:
             stage_context = span.get_span_context()
             if stage_context.is_valid and stage_context.trace_flags.sampled:
                 stage_span_ids[index] = format(stage_context.span_id, "016x")
-        step_span.end(end_time=step_end)
-        context = step_span.get_span_context()
-        if not (context.is_valid and context.trace_flags.sampled):
-            return None  # the SDK's sampler said no (or no SDK): no exemplar may point here
-        step_hex = format(context.span_id, "016x")
-        # A stage span the sampler dropped: its exemplars point at the (exported) step span.
-        stage_span_ids = [span_id or step_hex for span_id in stage_span_ids]
-        return StepExemplars(format(context.trace_id, "032x"), step_hex, stage_span_ids,
-                             PRIORITY[reason], step_end / 1e9)
+        return stage_span_ids
 
     def force_flush(self, timeout_millis: int) -> None:
         provider = self._provider or trace.get_tracer_provider()
@@ -172,10 +231,13 @@ class TraceSink:
         if flush is not None:
             flush(timeout_millis)
 
-    def _links(self, record: "StepRecord") -> list[Link]:
+    def _links(self, record: "StepRecord") -> tuple[list[Link], int]:
+        """Links to the batch's request contexts, sampled ones first, up to the limit (ours,
+        and the SDK's span limit so it drops none silently); and how many were left out."""
         if not record.traceparents:
-            return []
-        links = []
+            return [], 0
+        sampled: list[Link] = []
+        unsampled: list[Link] = []
         ids = record.request_ids
         for index, value in enumerate(record.traceparents):
             if value is None:
@@ -187,8 +249,17 @@ class TraceSink:
                                    "expected '00-<32 hex>-<16 hex>-<2 hex>'", self._strict)
                 continue
             attributes = {"spec_decode.request_id": str(ids[index])} if ids is not None else None
-            links.append(Link(span_context, attributes))
-        return links
+            (sampled if span_context.trace_flags.sampled else unsampled).append(
+                Link(span_context, attributes))
+        links = sampled + unsampled
+        limit = self._max_links
+        sdk_limits = getattr(self._tracer, "_span_limits", None)
+        sdk_max = getattr(sdk_limits, "max_links", None)
+        if sdk_max is not None:
+            limit = min(limit, sdk_max)
+        if len(links) > limit:
+            return links[:limit], len(links) - limit
+        return links, 0
 
 
 def _warn_if_sampler_drops(provider: trace.TracerProvider | None) -> None:
@@ -207,6 +278,26 @@ def _warn_if_sampler_drops(provider: trace.TracerProvider | None) -> None:
         "Use the default ParentBased(AlwaysOn) sampler, or give spec_metrics its own provider.",
         description,
     )
+
+
+def _warn_if_fate_unknown(provider: trace.TracerProvider | None) -> None:
+    """Exemplars wait for their spans' export only behind spec_metrics.SpanExportProcessor,
+    which reports each span's fate. Say once, at construction, when other processors are
+    in use: their exemplars are shown at once, whether or not the spans arrive."""
+    provider = provider or trace.get_tracer_provider()
+    active = getattr(provider, "_active_span_processor", None)
+    processors = getattr(active, "_span_processors", None)
+    if not processors:
+        return  # no SDK provider, or no processor yet: nothing to check
+    from .spans import SpanExportProcessor
+
+    others = [type(p).__name__ for p in processors if not isinstance(p, SpanExportProcessor)]
+    if others:
+        logger.info(
+            "spec_metrics: spans go through %s, which do not report whether each span was "
+            "exported; exemplars of those steps are shown at once and may point at spans "
+            "that were lost. spec_metrics.SpanExportProcessor shows an exemplar only once its "
+            "spans were exported.", ", ".join(others))
 
 
 def _accept_attributes(summary: "AcceptSummary") -> dict:

@@ -16,6 +16,24 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 import spec_metrics
 from spec_metrics import hooks as hooks_module
 
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # a dev extra; the property tests import it themselves
+    pass
+else:
+    # No wall-clock limits on property tests: hypothesis' default 200 ms deadline per example
+    # and its too_slow health check (time spent generating data) fail on a loaded machine.
+    hypothesis_settings.register_profile(
+        "spec_metrics", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    hypothesis_settings.load_profile("spec_metrics")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Here, at the root, so `@pytest.mark.e2e` is known whichever test files are selected.
+    config.addinivalue_line(
+        "markers", "e2e: end to end against a real Prometheus and the demo (about a minute)")
+
 
 class Clock:
     """Stands in for perf_counter_ns so durations are exact: tests set the time by hand."""

@@ -29,9 +29,11 @@ def _steps(registry, clock) -> float:
                         "spec_decode_step_duration_seconds_count", method="eagle")
 
 
-def test_batched_metrics_equal_one_by_one(clock, provider) -> None:
-    import torch
-
+@pytest.mark.parametrize("tensors", [False, True], ids=["numpy", "torch"])
+def test_batched_metrics_equal_one_by_one(clock, provider, tensors) -> None:
+    # Every third step hands over a torch tensor where torch is installed, an array otherwise.
+    as_tensor = pytest.importorskip(
+        "torch", reason="the torch variant needs torch").as_tensor if tensors else np.asarray
     registries = [CollectorRegistry(), CollectorRegistry()]
     hooks = [spec_metrics.SpecDecodeHooks("eagle", registry=r, tracer_provider=provider,
                                           trace_ratio=0.0, max_draft_tokens=4, batch_steps=b)
@@ -41,7 +43,7 @@ def test_batched_metrics_equal_one_by_one(clock, provider) -> None:
         batch = int(rng.integers(1, 9))
         accepted = rng.integers(0, 5, batch)
         drafts = rng.integers(accepted, 5) if step % 3 == 0 else 4
-        value = [accepted.tolist(), accepted, torch.as_tensor(accepted)][step % 3]
+        value = [accepted.tolist(), accepted, as_tensor(accepted)][step % 3]
         durations = tuple(float(x) for x in rng.uniform(0.001, 0.02, 3))
         for h in hooks:
             run_step(h, clock, value, drafts, durations=durations)

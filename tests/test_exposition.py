@@ -103,14 +103,14 @@ def test_response_equals_prometheus_client_for_every_accept_header(make_hooks, r
     hooks = make_hooks(trace_ratio=1.0)
     _drive(hooks, 0, 5, 16)
     encoder, content_type = classic.choose_encoder(accept or "")
-    status, headers, body = metrics_response(registry, "GET", accept, None, "")
+    status, headers, body, _ = metrics_response(registry, "GET", accept, None, "")
     assert (status, headers) == ("200 OK", [("Content-Type", content_type)])
     assert body == encoder(registry)
 
 
 def test_name_filter_gzip_and_methods_as_prometheus_client(make_hooks, registry) -> None:
     _drive(make_hooks(), 0, 3, 4)
-    status, headers, body = metrics_response(
+    status, headers, body, _ = metrics_response(
         registry, "GET", PROMETHEUS_ACCEPT, "gzip", "name[]=spec_decode_drafts_total")
     assert ("Content-Encoding", "gzip") in headers
     text = gzip.decompress(body).decode()
@@ -119,7 +119,7 @@ def test_name_filter_gzip_and_methods_as_prometheus_client(make_hooks, registry)
     assert "spec_decode_drafts_total" in text and "spec_decode_accepted_tokens" not in text
     assert metrics_response(registry, "OPTIONS", None, None, "")[:2] == (
         "200 OK", [("Allow", "OPTIONS,GET")])
-    status, headers, body = metrics_response(registry, "POST", None, None, "")
+    status, headers, body, _ = metrics_response(registry, "POST", None, None, "")
     assert status == "405 Method Not Allowed" and body.startswith(b"# HTTP 405")
 
 

@@ -25,11 +25,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 import spec_metrics
-from spec_metrics.exemplars import mark_rendered_shown
-from spec_metrics.exposition import render
+from spec_metrics.exposition import render, render_marking
 from spec_metrics.forking import _INHERITED
 from spec_metrics.record import StepRecord
 from spec_metrics.spans import SpanExportProcessor
+from spec_metrics.tracing import TraceSink
 
 from .conftest import run_step
 
@@ -170,8 +170,10 @@ def test_child_starts_fresh_even_when_parent_threads_hold_the_locks(
             run_step(hooks, None, np.array([1, 2]), 3)
             run_step(hooks, None, [3, 0, 1], 3)
             hooks.end_step()  # one end_without_start drop: the drop counter's lock works
-            om = render(registry, openmetrics_latest).decode()
-            mark_rendered_shown()  # what the /metrics app does after an OpenMetrics reply
+            om_bytes, shown = render_marking(registry, openmetrics_latest)
+            om = om_bytes.decode()
+            for exemplars in shown:  # what the /metrics app does after an OpenMetrics reply
+                exemplars.mark()
             mine = [format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()]
             kept = any(isinstance(held, deque) and waiting in held for held in _INHERITED)
             return {"totals": totals(om), "own_traces": sorted(set(mine) - known),
@@ -200,13 +202,16 @@ def test_child_starts_fresh_even_when_parent_threads_hold_the_locks(
     assert len(hooks._pending) == 1
 
 
-def test_child_reseeds_trace_sampling_and_restarts_rate_and_outliers(make_hooks):
+def test_child_reseeds_trace_sampling_and_restarts_rate_and_outliers(make_hooks, monkeypatch):
+    # The token bucket's clock stands still: the parent's bucket is drawn down and never
+    # refilled however slowly the steps run, so only the child's reset can fill it again.
+    monkeypatch.setattr(TraceSink, "monotonic", staticmethod(lambda: 1000.0))
     hooks = make_hooks(trace_ratio=1.0, max_traced_steps_per_second=5.0,
                        outlier_min_samples=10)
     sink = hooks._tracer
     for _ in range(20):
         run_step(hooks, None, [1], 2)
-    assert sink._tokens < 1.0 and sink.rate_limited > 0
+    assert sink._tokens < 5.0 and sink.rate_limited >= 20 - 5  # no refill: <= 5 traced
     assert sink._running[0]._total == 20
 
     def child() -> dict:

@@ -16,6 +16,7 @@ as many examples.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -38,7 +39,14 @@ from prometheus_client.utils import floatToGoString
 
 import spec_metrics
 from spec_metrics import hooks as hooks_module
-from spec_metrics.catalog import DEFAULT_STAGE_BUCKETS, DEFAULT_STEP_BUCKETS, DROP_REASONS, STAGES
+from spec_metrics.catalog import (
+    DEFAULT_STAGE_BUCKETS,
+    DEFAULT_STEP_BUCKETS,
+    DROP_REASONS,
+    SKIP_REASONS,
+    STAGES,
+    WITHHELD_REASONS,
+)
 
 from .conftest import Clock
 
@@ -291,10 +299,13 @@ class Model:
         pass
 
     def drop_quietly(self, stage: int) -> None:
-        """The engine raised inside a `with` stage: the stage is forgotten, not counted."""
+        """The engine raised inside a `with` stage: the stage is forgotten, not counted, and
+        may be started again in the same step."""
         if self.open == stage and self.record is not None:
             self.record.starts[stage] = 0
             self.open = -1
+            ended = [i for i, end in enumerate(self.record.ends) if end]
+            self.record.last = max(ended) if ended else -1
 
     def _close_open(self, hook: str) -> None:
         if self.open < 0:
@@ -376,6 +387,12 @@ class Model:
         for reason in DROP_REASONS:
             put("spec_metrics_dropped_total", self.drops[reason], reason=reason)
         put("spec_metrics_label_values_folded_total", 0, label="method")  # one method
+        # Every step with a stage is traced (no rate limit, AlwaysOn sampler) and its spans
+        # are exported: nothing skipped, no exemplar withheld.
+        for reason in SKIP_REASONS:
+            put("spec_metrics_traced_steps_skipped_total", 0, reason=reason)
+        for reason in WITHHELD_REASONS:
+            put("spec_metrics_exemplars_withheld_total", 0, reason=reason)
         return out
 
 
@@ -497,6 +514,10 @@ _ODD_FLOATS = st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.5, 1
 _DTYPES = ("int64", "int64", "int32", "uint8", "uint64", "float64", "float32", "float16",
            "bool", "object", "<U1", "complex64")
 _TORCH_DTYPES = ("int64", "int32", "uint8", "float32", "float16", "bool", "bfloat16")
+# Tensors are drawn only where torch is installed (without importing it here: see _tensor).
+_COUNT_FORMS = ("list", "list", "tuple", "array", "array",
+                *(("tensor",) if importlib.util.find_spec("torch") is not None else ()),
+                "huge", "other")
 
 
 @functools.lru_cache(maxsize=None)
@@ -533,7 +554,7 @@ def counts(draw: Callable, n: int | None) -> Any:
     shape = None
     if values and draw(_ints(0, 9)) == 0:
         shape = (1, len(values))
-    form = draw(_pick(("list", "list", "tuple", "array", "array", "tensor", "huge", "other")))
+    form = draw(_pick(_COUNT_FORMS))
     if form == "list":
         return values if shape is None else [values]
     if form == "tuple":

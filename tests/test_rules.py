@@ -27,7 +27,7 @@ INSTALL_HINT = (
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
     return path
 
 

@@ -112,30 +112,36 @@ def run(args: argparse.Namespace) -> int:
                           num_threads=1 if device == "cpu" else None)
     if device == "cuda":
         hooks.warm_up_device(args.batch_size)
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop cleanly like Ctrl-C
+    # Ctrl-C and SIGTERM stop the loop between two steps, never inside one: every step
+    # either reached the metrics and the trace sink whole, or did not start.
+    stop = _StopFlag()
+    previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
-        _loop(engine, hooks, args, summary, started)
-    except KeyboardInterrupt:
-        say("\ninterrupted: stopping")
+        _loop(engine, hooks, args, summary, started, stop)
+        if stop.signal is not None:
+            say("\ninterrupted: stopping")
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         elapsed = time.monotonic() - started
         hooks.flush()
         provider.shutdown()  # every span is in the traces file before we exit
         server.close()
-    print(summary.render(engine.counters, elapsed, args.draft_tokens), flush=True)
+    print(summary.render(engine.counters, elapsed, args.draft_tokens,
+                         skipped=dict(hooks.collector.skipped.counts),
+                         withheld=dict(hooks.collector.withheld.counts),
+                         spans=provider.span_export_counts()), flush=True)
     return 0
 
 
 def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
-          started: float) -> None:
+          started: float, stop: "_StopFlag") -> None:
     live = sys.stderr.isatty() and not args.quiet
     collapsed = False
     next_spike = args.spike_every
     next_status = 0.5
-    while True:
+    while stop.signal is None:
         elapsed = time.monotonic() - started
         if elapsed >= args.duration:
             break
@@ -188,5 +194,11 @@ def _printer(quiet: bool) -> Any:
     return say
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class _StopFlag:
+    """A signal handler that asks the loop to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def set(self, signum: int, frame: Any) -> None:
+        self.signal = signum

@@ -53,7 +53,12 @@ class DemoSummary:
         return (f"{elapsed:6.1f}s  steps {counters.steps:6d}  {tokens_per_s:8.1f} tok/s  "
                 f"acceptance {recent} (now)  {counters.acceptance_rate:.2f} (run)")
 
-    def render(self, counters: Any, elapsed: float, k: int) -> str:
+    def render(self, counters: Any, elapsed: float, k: int,
+               skipped: dict[str, int] | None = None, withheld: dict[str, int] | None = None,
+               spans: dict[str, int] | None = None) -> str:
+        """The summary. `skipped`: steps selected for tracing and not traced, by reason;
+        `withheld`: traced steps whose exemplars were withheld, by reason; `spans`: span
+        export counts (exported, dropped_<reason>)."""
         lines = ["", "spec-metrics demo summary", "-" * 25]
         tokens_per_s = counters.emitted_tokens / elapsed if elapsed > 0 else 0.0
         mean_length = (1 + counters.accepted_tokens / counters.drafts) if counters.drafts else 1.0
@@ -76,8 +81,24 @@ class DemoSummary:
                 p50, p99 = np.percentile(np.asarray(values), [50, 99]) * 1e3
                 lines.append(f"{stage + ' latency':<22}p50 {p50:8.3f} ms   p99 {p99:8.3f} ms")
         lines.append(f"steps traced          {self.traced}")
+        if skipped is not None:
+            lines.append(f"steps not traced      {sum(skipped.values())}  (selected for "
+                         f"tracing; {_reasons(skipped)})")
+        if spans is not None:
+            lost = {key[len("dropped_"):]: n for key, n in spans.items()
+                    if key.startswith("dropped_")}
+            lines.append(f"spans exported        {spans.get('exported', 0)}  (lost "
+                         f"{sum(lost.values())}: {_reasons(lost)})")
+        if withheld is not None:
+            lines.append(f"exemplars withheld    {sum(withheld.values())} steps  "
+                         f"({_reasons(withheld)})")
         lines.append("slowest steps:")
         for seconds, index, trace_id in sorted(self._slowest, reverse=True):
             where = f"trace_id {trace_id}" if trace_id else "not traced"
             lines.append(f"  step {index:6d}  {seconds * 1e3:9.3f} ms  {where}")
         return "\n".join(lines)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    nonzero = [f"{reason} {n}" for reason, n in counts.items() if n]
+    return ", ".join(nonzero) if nonzero else "none"

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import pytest
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:
+    torch = None
 
-from spec_metrics.demo.corpus import Corpus, load_corpus  # noqa: E402
-from spec_metrics.demo.models import GPT  # noqa: E402
-from spec_metrics.demo.training import load_or_train  # noqa: E402
+if TYPE_CHECKING:
+    from spec_metrics.demo.corpus import Corpus
+    from spec_metrics.demo.models import GPT
+
+NEEDS_TORCH = "the demo tests need torch (pip install torch, or the demo extra)"
+
+if torch is None:
+    # Every module here needs torch: each is skipped, saying why. (A module-level
+    # importorskip in this conftest would abort `pytest tests/demo` with a traceback,
+    # as it is then loaded before collection starts.)
+    class _NeedsTorch(pytest.Module):
+        def collect(self):
+            pytest.skip(NEEDS_TORCH, allow_module_level=True)
+
+    def pytest_pycollect_makemodule(module_path, parent):
+        return _NeedsTorch.from_parent(parent, path=module_path)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,6 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def corpus() -> Corpus:
+    from spec_metrics.demo.corpus import load_corpus
+
     return load_corpus()
 
 
@@ -26,6 +45,8 @@ def corpus() -> Corpus:
 def target() -> GPT:
     # The default demo target; trained once (~15-25 s on 2 CPU cores) and then
     # loaded from the user cache dir, exactly as the demo does.
+    from spec_metrics.demo.training import load_or_train
+
     torch.manual_seed(0)
     return load_or_train()
 

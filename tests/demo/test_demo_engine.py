@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
 
+from spec_metrics.demo import engine as engine_module
 from spec_metrics.demo.drafters import ModelDrafter, NgramDrafter
 from spec_metrics.demo.engine import Engine, SpecCounters
 from spec_metrics.demo.factory import build_engine
@@ -20,10 +21,34 @@ STEP_PATTERN = ["begin_step", "draft_start", "draft_end", "verify_start", "verif
                 "draft_extend_start", "draft_extend_end", "end_step"]
 
 
-class RecordingHooks:
-    """Duck-typed stand-in for spec_metrics' hooks that records every call."""
+class FakeTime:
+    """Stands in for the engine module's `time`: only sleep() and advance() move its clock,
+    so stage durations and run(seconds=...) are exact whatever the machine's speed. It starts
+    at 0: the engine sleeps until `t0 + arrival`, and with a large t0 the float sum can land
+    an ulp short of the arrival, forever (a real clock moves on by itself)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(max(0.0, seconds))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class RecordingHooks:
+    """Duck-typed stand-in for spec_metrics' hooks that records every call (and when, on
+    `clock`); `on_end_step` runs after each end_step."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 on_end_step: Optional[Callable[[], None]] = None) -> None:
+        self._clock, self._on_end_step = clock, on_end_step
         self.calls: list[str] = []
         self.ids: list[list[str]] = []
         self.accepted: list[torch.Tensor] = []  # references as passed in
@@ -33,7 +58,9 @@ class RecordingHooks:
 
     def _mark(self, name: str) -> None:
         self.calls.append(name)
-        self.t.setdefault(name, []).append(time.perf_counter())
+        self.t.setdefault(name, []).append(self._clock())
+        if name == "end_step" and self._on_end_step is not None:
+            self._on_end_step()
 
     def begin_step(self, request_ids: Optional[list[str]] = None, traceparents: Any = None) -> None:
         assert traceparents is None
@@ -145,26 +172,40 @@ def test_ngram_variable_draft_lengths_reach_hooks(target: GPT) -> None:
     check_hooks(hooks, eng, c)
 
 
-def test_spike_delays_verify_stage_only_while_active(target: GPT) -> None:
-    hooks = RecordingHooks()
+def test_spike_delays_verify_stage_only_while_active(target: GPT,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine's clock and sleep are the fake's: a stage lasts exactly what the engine
+    # slept inside it (computation takes no time on it), on any machine.
+    fake = FakeTime()
+    monkeypatch.setattr(engine_module, "time", fake)
+    hooks = RecordingHooks(clock=fake.monotonic)
     eng = Engine(target, ModelDrafter(target), EngineConfig(arrival_rate=None), hooks=hooks)
     eng.run(steps=1)
     eng.set_spike(60, steps=2)
     eng.run(steps=4)
-    verify = [e - s for s, e in zip(hooks.t["verify_start"], hooks.t["verify_end"])][1:]
-    assert verify[0] >= 0.06 and verify[1] >= 0.06
-    assert verify[2] < 0.06 and verify[3] < 0.06
-    draft = [e - s for s, e in zip(hooks.t["draft_start"], hooks.t["draft_end"])][1:3]
-    assert max(draft) < 0.06
+    assert fake.slept == [0.06, 0.06]  # two spiked steps, then the spike is over
+    verify = [e - s for s, e in zip(hooks.t["verify_start"], hooks.t["verify_end"])]
+    assert verify == [0.0, pytest.approx(0.06, abs=1e-9), pytest.approx(0.06, abs=1e-9),
+                      0.0, 0.0]
+    draft = [e - s for s, e in zip(hooks.t["draft_start"], hooks.t["draft_end"])]
+    extend = [e - s for s, e in zip(hooks.t["draft_extend_start"], hooks.t["draft_extend_end"])]
+    assert draft == extend == [0.0] * 5  # the spike is in the verify stage only
 
 
-def test_wall_clock_run_for_seconds(target: GPT) -> None:
-    eng = Engine(target, ModelDrafter(target), EngineConfig(arrival_rate=100.0))
-    t0 = time.monotonic()
+def test_wall_clock_run_for_seconds(target: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The wall clock is the fake's: each step costs exactly step_s on it, idle waits for the
+    # next Poisson arrival are fake sleeps; run(seconds=) must stop at the first step
+    # boundary at or past its deadline, and never sleep past it.
+    fake, step_s = FakeTime(), 0.01
+    monkeypatch.setattr(engine_module, "time", fake)
+    hooks = RecordingHooks(clock=fake.monotonic, on_end_step=lambda: fake.advance(step_s))
+    eng = Engine(target, ModelDrafter(target), EngineConfig(arrival_rate=100.0), hooks=hooks)
+    t0 = fake.now
     c = eng.run(seconds=0.5)
-    assert 0.5 <= time.monotonic() - t0 < 1.5
+    assert 0.5 <= fake.now - t0 < 0.5 + step_s
     assert c.steps > 0 and c.requests_arrived > 0
     check_counters(c)
+    check_hooks(hooks, eng, c)
 
 
 def test_hooks_none_and_empty_workload(target: GPT) -> None:

@@ -239,8 +239,7 @@ def test_demo_prometheus_dashboard_exemplars_and_alert(tmp_path, prometheus, dem
           f"{FIRING_BOUND_S:g}s + {FIRING_SLACK_S:g}s); {count} panel queries; "
           f"{len(exemplars)} exemplars ({len(spikes)}/{len(spike_spans)} spikes); "
           f"{len(spans)} spans; {failed_scrapes:g} failed scrapes; "
-          f"test {elapsed:.1f}s")
-    assert elapsed < 90, f"the end-to-end test took {elapsed:.0f}s"
+          f"test {elapsed:.1f}s")  # reported, not asserted: it depends on the machine
 
 
 def _check_snapshot(prometheus_url: str, out: Path, trace_ids: set[str],

@@ -9,7 +9,8 @@ would receive. Each step: draft, verify, draft_extend, with exact durations from
 from __future__ import annotations
 
 import os
-import socket
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -298,23 +299,23 @@ def test_example_runs_the_hooks():
 
 
 def test_example_serves_metrics():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(EXAMPLE.parents[1])}
+    # Port 0, and a long --duration ended by Ctrl-C (SIGINT) once /metrics was read: no
+    # window to hit in time however slowly the example starts.
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE.parents[1]), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--serve", "--duration", "3", "--port", str(port),
+        [sys.executable, str(EXAMPLE), "--serve", "--duration", "600", "--port", "0",
          "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        # Its first line says where it serves ("serving URL for 600s"); give up after 60 s.
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        first = process.stdout.readline() if ready else ""
+        assert first.startswith("serving "), (first, process.poll())
+        url = first.split()[1]
         families = None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # give up then
         while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                    text = r.read().decode()
-            except OSError:
-                time.sleep(0.1)
-                continue
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
             families = {f.name: f for f in text_string_to_metric_families(text)}
             if "spec_decode_drafts" in families and families["spec_decode_drafts"].samples:
                 break
@@ -326,7 +327,9 @@ def test_example_serves_metrics():
         assert drafts > 0 and drafts % 8 == 0  # whole batches of 8
         assert sample_value(families, "spec_decode_draft_tokens",
                             "spec_decode_draft_tokens_total", **labels) == 4 * drafts
-        stdout, _ = process.communicate(timeout=30)
+        process.send_signal(signal.SIGINT)  # the example stops on Ctrl-C and reports
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
         assert "recorded by spec_metrics" in stdout
     finally:
         if process.poll() is None:
