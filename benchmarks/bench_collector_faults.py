@@ -83,6 +83,7 @@ class Receiver:
 def phase(name: str, seconds: float, hooks: SpecDecodeHooks, processor: SpanExportProcessor,
           pool: list[np.ndarray]) -> dict[str, Any]:
     before = processor.counts
+    withheld_before = hooks.collector.withheld.counts["span_lost"]
     times: list[int] = []
     queue_max = 0
     deadline = time.perf_counter() + seconds
@@ -110,6 +111,9 @@ def phase(name: str, seconds: float, hooks: SpecDecodeHooks, processor: SpanExpo
             "max_us": float(us.max()), "queue_max": queue_max,
             "exported": after["exported"] - before["exported"],
             **{k: after[k] - before[k] for k in after if k.startswith("dropped_")},
+            # Traced steps whose exemplars never reached /metrics (their spans were lost);
+            # counted once the fate is known, so a phase may count its predecessor's.
+            "exemplars_withheld": hooks.collector.withheld.counts["span_lost"] - withheld_before,
             "rss_mb": rss_bytes() / 2**20, "threads": threading.active_count(),
             "fds": open_fds()}
 
@@ -154,14 +158,15 @@ def markdown(result: dict[str, Any]) -> str:
         "per phase; per-step hook time in µs.",
         "",
         "| phase | steps/s | median | p99 | max | queue max | exported | lost: queue full | "
-        "lost: export failed | RSS MB | threads | fds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "lost: export failed | exemplars withheld (steps) | RSS MB | threads | fds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['phase']} | {r['steps_per_s']:,.0f} | {r['median_us']:.1f} | "
             f"{r['p99_us']:.1f} | {r['max_us']:,.0f} | {r['queue_max']} | {r['exported']} | "
-            f"{r['dropped_queue_full']} | {r['dropped_export_failed']} | {r['rss_mb']:.1f} | "
+            f"{r['dropped_queue_full']} | {r['dropped_export_failed']} | "
+            f"{r['exemplars_withheld']} | {r['rss_mb']:.1f} | "
             f"{r['threads']} | {r['fds']} |")
     lines += ["", f"Counts at the end (after a flush in `back`): {result['final_counts']}"]
     return "\n".join(lines)
