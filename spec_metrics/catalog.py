@@ -12,6 +12,24 @@ from typing import Literal
 __all__ = [
     "MetricSpec",
     "METRICS",
+    "STAGE_DURATION",
+    "STEP_DURATION",
+    "ACCEPTED_LENGTH",
+    "DRAFTS",
+    "DRAFT_TOKENS",
+    "ACCEPTED_TOKENS",
+    "EMITTED_TOKENS",
+    "DRAFT_TOKENS_PER_POSITION",
+    "ACCEPTED_TOKENS_PER_POSITION",
+    "DROPPED",
+    "LABEL_VALUES_FOLDED",
+    "TRACED_STEPS_SKIPPED",
+    "EXEMPLARS_WITHHELD",
+    "COUNTERS_WITH_EXEMPLARS",
+    "PER_POSITION_COUNTERS",
+    "REASON_COUNTERS",
+    "SPANS_EXPORTED",
+    "SPANS_DROPPED",
     "VLLM_COMPAT_METRICS",
     "SPAN_EXPORT_METRICS",
     "SPAN_DROP_REASONS",
@@ -100,80 +118,107 @@ class MetricSpec:
         return self.name[: -len("_total")] if self.type == "counter" else self.name
 
 
-METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec(
-        "spec_decode_stage_duration_seconds", "histogram",
-        "Duration of one speculative-decoding stage for the whole batch, per decode step.",
-        "seconds", ("method", "stage"), buckets="stage",
-    ),
-    MetricSpec(
-        "spec_decode_step_duration_seconds", "histogram",
-        "Duration of one decode step, from the first stage's start to the last stage's end.",
-        "seconds", ("method",), buckets="step",
-    ),
-    MetricSpec(
-        "spec_decode_accepted_length", "histogram",
-        "Draft tokens accepted per draft (a request with draft tokens in a verify pass), "
-        "the bonus token not included.",
-        "", ("method",), buckets="accepted_length",
-    ),
-    MetricSpec(
-        "spec_decode_drafts_total", "counter",
-        "Draft sequences verified: requests that had at least one draft token in a verify pass.",
-        "", ("method",),
-    ),
-    MetricSpec(
-        "spec_decode_draft_tokens_total", "counter",
-        "Draft tokens proposed and verified.",
-        "tokens", ("method",),
-    ),
-    MetricSpec(
-        "spec_decode_accepted_tokens_total", "counter",
-        "Draft tokens accepted by the target model.",
-        "tokens", ("method",),
-    ),
-    MetricSpec(
-        "spec_decode_emitted_tokens_total", "counter",
-        "Tokens emitted by verify passes: accepted draft tokens plus one target token per request.",
-        "tokens", ("method",),
-    ),
-    MetricSpec(
-        "spec_decode_draft_tokens_per_position_total", "counter",
-        "Draft tokens proposed at each draft position (0 is the first draft token).",
-        "", ("method", "position"),
-    ),
-    MetricSpec(
-        "spec_decode_accepted_tokens_per_position_total", "counter",
-        "Draft tokens accepted at each draft position (0 is the first draft token).",
-        "", ("method", "position"),
-    ),
-    MetricSpec(
-        "spec_metrics_dropped_total", "counter",
-        "Hook inputs spec_metrics rejected instead of recording, by reason.",
-        "", ("reason",),
-    ),
-    MetricSpec(
-        "spec_metrics_label_values_folded_total", "counter",
-        "Steps recorded under the label value \"other\" because the label already had its "
-        "maximum number of distinct values (max_methods), by label.",
-        "", ("label",),
-    ),
-    MetricSpec(
-        "spec_metrics_traced_steps_skipped_total", "counter",
-        "Steps selected for tracing (slow, outlier, sampled request or ratio) whose spans were "
-        "not made, by reason: rate_limited (over max_traced_steps_per_second; ratio-sampled "
-        "steps give way first), not_sampled (the tracer provider's sampler dropped the span), "
-        "no_tracer (no SDK tracer provider).",
-        "", ("reason",),
-    ),
-    MetricSpec(
-        "spec_metrics_exemplars_withheld_total", "counter",
-        "Traced steps whose exemplars were withheld from /metrics because their spans were "
-        "not exported, by reason: span_lost (queue full, export failed or timed out, shutdown; "
-        "known with spec_metrics.SpanExportProcessor only).",
-        "", ("reason",),
-    ),
+# Every metric family, one named spec each: code refers to these, never to a name string.
+STAGE_DURATION = MetricSpec(
+    "spec_decode_stage_duration_seconds", "histogram",
+    "Duration of one speculative-decoding stage for the whole batch, per decode step.",
+    "seconds", ("method", "stage"), buckets="stage",
 )
+STEP_DURATION = MetricSpec(
+    "spec_decode_step_duration_seconds", "histogram",
+    "Duration of one decode step, from the first stage's start to the last stage's end.",
+    "seconds", ("method",), buckets="step",
+)
+ACCEPTED_LENGTH = MetricSpec(
+    "spec_decode_accepted_length", "histogram",
+    "Draft tokens accepted per draft (a request with draft tokens in a verify pass), "
+    "the bonus token not included.",
+    "", ("method",), buckets="accepted_length",
+)
+DRAFTS = MetricSpec(
+    "spec_decode_drafts_total", "counter",
+    "Draft sequences verified: requests that had at least one draft token in a verify pass.",
+    "", ("method",),
+)
+DRAFT_TOKENS = MetricSpec(
+    "spec_decode_draft_tokens_total", "counter",
+    "Draft tokens proposed and verified.",
+    "tokens", ("method",),
+)
+ACCEPTED_TOKENS = MetricSpec(
+    "spec_decode_accepted_tokens_total", "counter",
+    "Draft tokens accepted by the target model.",
+    "tokens", ("method",),
+)
+EMITTED_TOKENS = MetricSpec(
+    "spec_decode_emitted_tokens_total", "counter",
+    "Tokens emitted by verify passes: accepted draft tokens plus one target token per request.",
+    "tokens", ("method",),
+)
+DRAFT_TOKENS_PER_POSITION = MetricSpec(
+    "spec_decode_draft_tokens_per_position_total", "counter",
+    "Draft tokens proposed at each draft position (0 is the first draft token).",
+    "", ("method", "position"),
+)
+ACCEPTED_TOKENS_PER_POSITION = MetricSpec(
+    "spec_decode_accepted_tokens_per_position_total", "counter",
+    "Draft tokens accepted at each draft position (0 is the first draft token).",
+    "", ("method", "position"),
+)
+DROPPED = MetricSpec(
+    "spec_metrics_dropped_total", "counter",
+    "Hook inputs spec_metrics rejected instead of recording, by reason.",
+    "", ("reason",),
+)
+LABEL_VALUES_FOLDED = MetricSpec(
+    "spec_metrics_label_values_folded_total", "counter",
+    "Steps recorded under the label value \"other\" because the label already had its "
+    "maximum number of distinct values (max_methods), by label.",
+    "", ("label",),
+)
+TRACED_STEPS_SKIPPED = MetricSpec(
+    "spec_metrics_traced_steps_skipped_total", "counter",
+    "Steps selected for tracing (slow, outlier, sampled request or ratio) whose spans were "
+    "not made, by reason: rate_limited (over max_traced_steps_per_second; ratio-sampled "
+    "steps give way first), not_sampled (the tracer provider's sampler dropped the span), "
+    "no_tracer (no SDK tracer provider).",
+    "", ("reason",),
+)
+EXEMPLARS_WITHHELD = MetricSpec(
+    "spec_metrics_exemplars_withheld_total", "counter",
+    "Traced steps whose exemplars were withheld from /metrics because their spans were "
+    "not exported, by reason: span_lost (queue full, export failed or timed out, shutdown; "
+    "known with spec_metrics.SpanExportProcessor only).",
+    "", ("reason",),
+)
+
+# In exposition order.
+METRICS: tuple[MetricSpec, ...] = (
+    STAGE_DURATION,
+    STEP_DURATION,
+    ACCEPTED_LENGTH,
+    DRAFTS,
+    DRAFT_TOKENS,
+    ACCEPTED_TOKENS,
+    EMITTED_TOKENS,
+    DRAFT_TOKENS_PER_POSITION,
+    ACCEPTED_TOKENS_PER_POSITION,
+    DROPPED,
+    LABEL_VALUES_FOLDED,
+    TRACED_STEPS_SKIPPED,
+    EXEMPLARS_WITHHELD,
+)
+# Counters whose every increment may carry an exemplar (the verify span), in this order.
+COUNTERS_WITH_EXEMPLARS: tuple[MetricSpec, ...] = (DRAFTS, DRAFT_TOKENS, ACCEPTED_TOKENS,
+                                                   EMITTED_TOKENS)
+PER_POSITION_COUNTERS: tuple[MetricSpec, ...] = (DRAFT_TOKENS_PER_POSITION,
+                                                 ACCEPTED_TOKENS_PER_POSITION)
+# Counters labelled by `reason`, with the reasons each takes (every one is always exposed).
+REASON_COUNTERS: dict[MetricSpec, tuple[str, ...]] = {
+    DROPPED: tuple(DROP_REASONS),
+    TRACED_STEPS_SKIPPED: tuple(SKIP_REASONS),
+    EXEMPLARS_WITHHELD: tuple(WITHHELD_REASONS),
+}
 
 # Label value that steps of methods beyond `max_methods` are recorded under.
 OTHER_LABEL_VALUE = "other"
@@ -182,20 +227,19 @@ OTHER_LABEL_VALUE = "other"
 # constant labels and no `method`, since the export queue is shared by every hooks object.
 SPAN_DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "export_timeout",
                                       "shutdown")
-SPAN_EXPORT_METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("spec_metrics_spans_exported_total", "counter",
+SPANS_EXPORTED = MetricSpec("spec_metrics_spans_exported_total", "counter",
                "Spans the exporter accepted (spec_metrics.SpanExportProcessor; summed over "
                "every processor registered in the registry).", "", (),
-               const_labels=False),
-    MetricSpec("spec_metrics_spans_dropped_total", "counter",
+               const_labels=False)
+SPANS_DROPPED = MetricSpec("spec_metrics_spans_dropped_total", "counter",
                "Spans lost before export, by reason: queue_full (the bounded queue was full), "
                "export_failed (the exporter returned failure, e.g. the collector is down), "
                "export_timeout (no answer within the export timeout; they may still arrive, "
                "their exemplars are withheld), shutdown (still queued when shutdown ran out of "
                "time, or ended after shutdown). Summed over every SpanExportProcessor "
                "registered in the registry.", "", ("reason",),
-               const_labels=False),
-)
+               const_labels=False)
+SPAN_EXPORT_METRICS: tuple[MetricSpec, ...] = (SPANS_EXPORTED, SPANS_DROPPED)
 
 # vLLM's own speculative-decoding counters (vllm/v1/spec_decode/metrics.py, SpecDecodingProm),
 # with vLLM's names, help texts and labels, for `spec_metrics.integrations.vllm` when asked to

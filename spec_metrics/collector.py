@@ -21,13 +21,23 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .catalog import (
+    ACCEPTED_LENGTH,
+    COUNTERS_WITH_EXEMPLARS,
     DEFAULT_MAX_DRAFT_TOKENS,
     DEFAULT_STAGE_BUCKETS,
     DEFAULT_STEP_BUCKETS,
+    DROPPED,
+    EXEMPLARS_WITHHELD,
+    LABEL_VALUES_FOLDED,
     METRICS,
     OTHER_LABEL_VALUE,
+    PER_POSITION_COUNTERS,
+    REASON_COUNTERS,
     SKIP_REASONS,
+    STAGE_DURATION,
     STAGES,
+    STEP_DURATION,
+    TRACED_STEPS_SKIPPED,
     WITHHELD_REASONS,
     MetricSpec,
 )
@@ -35,30 +45,13 @@ from .drops import DropCounter, Tally
 from .exemplars import ShownExemplars
 from .forking import reset_after_fork
 from .inputs import AcceptSummary
-from .series import COUNTERS_WITH_EXEMPLARS, MethodSeries, Snapshot, StepExemplars, peek_all
+from .series import MethodSeries, Snapshot, StepExemplars, peek_all
 from .textformat import SeriesText, family_header, label_text, render_snapshot
 
 if TYPE_CHECKING:
     from .config import HooksConfig
 
-__all__ = ["PrerenderRequest", "Snapshot", "SpecDecodeCollector", "StepExemplars"]
-
-_PER_POSITION = (
-    "spec_decode_draft_tokens_per_position_total",
-    "spec_decode_accepted_tokens_per_position_total",
-)
-# Set by spec_metrics' /metrics app on its thread while it renders (exposition.py): then
-# collect() hands back a request to be rendered by render_text() instead of families.
-_RENDER_REQUEST = threading.local()
-
-
-class PrerenderRequest:
-    """Yielded by collect() instead of families while spec_metrics' app renders."""
-
-    __slots__ = ("collector",)
-
-    def __init__(self, collector: "SpecDecodeCollector") -> None:
-        self.collector = collector
+__all__ = ["Snapshot", "SpecDecodeCollector", "StepExemplars"]
 
 
 class SpecDecodeCollector(Collector):
@@ -99,9 +92,9 @@ class SpecDecodeCollector(Collector):
         self._deferred: deque = deque()  # steps that found the lock held (see consume)
         # Text prefixes per method, family headers per format (True: OpenMetrics).
         self._texts: dict[str, SeriesText] = {}
-        self._drop_prefixes: dict[tuple[str, str], str] = {}
+        self._reason_prefixes: dict[tuple[MetricSpec, str], str] = {}
         self._folded_prefix: str | None = None
-        self._headers = {om: [family_header(self._family(spec), om) for spec in METRICS]
+        self._headers = {om: {spec: family_header(self._family(spec), om) for spec in METRICS}
                          for om in (True, False)}
         if registry is not None:
             registry.register(self)
@@ -115,7 +108,7 @@ class SpecDecodeCollector(Collector):
         self.folded = 0
         self._deferred = deque()
         self._texts = {}
-        self._drop_prefixes = {}
+        self._reason_prefixes = {}
         self.drops._reset_after_fork()
         self.skipped._reset_after_fork()
         self.withheld._reset_after_fork()
@@ -272,10 +265,10 @@ class SpecDecodeCollector(Collector):
                 )
                 for method, series in self._series.items()
             ]
-            drops = dict(self.drops.counts)
+            reasons = {DROPPED: dict(self.drops.counts),
+                       TRACED_STEPS_SKIPPED: dict(self.skipped.counts),
+                       EXEMPLARS_WITHHELD: dict(self.withheld.counts)}
             folded = self.folded
-            skipped = dict(self.skipped.counts)
-            withheld = dict(self.withheld.counts)
         series_data = []
         for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
             summary = AcceptSummary(accepted_hist, draft_hist)
@@ -283,72 +276,63 @@ class SpecDecodeCollector(Collector):
                       summary.per_position(draft_hist), summary.per_position(accepted_hist))
             series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
                                 counter_ex, totals))
-        return Snapshot(series_data, drops, folded, skipped, withheld)
+        return Snapshot(series_data, reasons, folded)
 
     def collect(self) -> Iterator[Metric]:
-        if getattr(_RENDER_REQUEST, "active", False):
-            # spec_metrics' /metrics app renders this collector itself (textformat.py).
-            yield PrerenderRequest(self)  # type: ignore[misc]
-            return
-        families = {spec.name: self._family(spec) for spec in METRICS}
+        """Metric families, as the Collector contract says. Read by prometheus_client's
+        writers (or any code): nothing is marked shown; the hold time bounds how long these
+        exemplars block lower-priority ones. spec_metrics' own /metrics apps write this
+        collector with `_render_text` instead (same bytes, faster)."""
+        families = {spec: self._family(spec) for spec in METRICS}
         const = self._label_values
-        # Read by prometheus_client's writers (or any code): nothing is marked shown, the
-        # hold time bounds how long these exemplars block lower-priority ones.
         snapshot = self.snapshot([])
         stage_les, step_les, length_les, positions = self._layout()
         for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
                 snapshot.series):
-            stage_family = families["spec_decode_stage_duration_seconds"]
             for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
-                stage_family.add_metric([method, stage, *const],
-                                        _buckets(stage_les, counts, ex), total)
+                families[STAGE_DURATION].add_metric([method, stage, *const],
+                                                    _buckets(stage_les, counts, ex), total)
             counts, total, ex = latency[-1]
-            families["spec_decode_step_duration_seconds"].add_metric(
+            families[STEP_DURATION].add_metric(
                 [method, *const], _buckets(step_les, counts, ex), total)
             length_counts = [*accepted_hist.tolist(), 0]
-            families["spec_decode_accepted_length"].add_metric(
+            families[ACCEPTED_LENGTH].add_metric(
                 [method, *const], _buckets(length_les, length_counts, length_ex),
                 float(sum(i * n for i, n in enumerate(length_counts))))
-            for name, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
-                families[name].add_metric([method, *const], float(value), exemplar=exemplar)
-            for name, values in zip(_PER_POSITION, totals[1:]):
+            for spec, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
+                families[spec].add_metric([method, *const], float(value), exemplar=exemplar)
+            for spec, values in zip(PER_POSITION_COUNTERS, totals[1:]):
                 for position, value in zip(positions, values):
-                    families[name].add_metric([method, position, *const], float(value))
-        for reason, value in snapshot.drops.items():
-            families["spec_metrics_dropped_total"].add_metric([reason, *const], float(value))
-        families["spec_metrics_label_values_folded_total"].add_metric(
-            ["method", *const], float(snapshot.folded))
-        for name, counts in (("spec_metrics_traced_steps_skipped_total", snapshot.skipped),
-                             ("spec_metrics_exemplars_withheld_total", snapshot.withheld)):
-            for reason, value in counts.items():
-                families[name].add_metric([reason, *const], float(value))
+                    families[spec].add_metric([method, position, *const], float(value))
+        families[LABEL_VALUES_FOLDED].add_metric(["method", *const], float(snapshot.folded))
+        for spec in REASON_COUNTERS:
+            for reason, value in snapshot.reasons[spec].items():
+                families[spec].add_metric([reason, *const], float(value))
         yield from families.values()
 
-    def render_text(self, openmetrics: bool) -> tuple[str, ShownExemplars]:
-        """This collector's families as prometheus_client would write them (OpenMetrics
-        1.0 or classic text, legacy name escaping), from cached per-series prefixes, and
-        the exemplars the text carries, to be marked shown once the response was sent."""
+    def _render_text(self, openmetrics: bool) -> tuple[str, ShownExemplars]:
+        """The fast writer: this collector's families as prometheus_client would write them
+        (OpenMetrics 1.0 or classic text, legacy name escaping), from cached per-series
+        prefixes, and the exemplars the text carries, to be marked shown once the response
+        was sent. exposition.py calls it for the collectors in the registry it serves."""
         shown: list = []
         snapshot = self.snapshot(shown)
         texts = self._texts
         for method, *_ in snapshot.series:
             if method not in texts:
-                texts[method] = self._series_text(method)
-        headers = self._headers[openmetrics]
-        drop_prefixes = self._drop_prefixes
-        for name, counts in (("spec_metrics_dropped_total", snapshot.drops),
-                             ("spec_metrics_traced_steps_skipped_total", snapshot.skipped),
-                             ("spec_metrics_exemplars_withheld_total", snapshot.withheld)):
+                texts[method] = SeriesText(method, self.const_labels, *self._layout())
+        prefixes = self._reason_prefixes
+        for spec, counts in snapshot.reasons.items():
             for reason in counts:
-                if (name, reason) not in drop_prefixes:
+                if (spec, reason) not in prefixes:
                     labels = label_text({"reason": reason, **self.const_labels})
-                    drop_prefixes[(name, reason)] = f"{name}{labels} "
+                    prefixes[(spec, reason)] = f"{spec.name}{labels} "
         if self._folded_prefix is None:
             labels = label_text({"label": "method", **self.const_labels})
-            self._folded_prefix = f"spec_metrics_label_values_folded_total{labels} "
+            self._folded_prefix = f"{LABEL_VALUES_FOLDED.name}{labels} "
         out: list[str] = []
-        render_snapshot(snapshot, texts, headers, drop_prefixes, self._folded_prefix,
-                        openmetrics, out)
+        render_snapshot(snapshot, texts, self._headers[openmetrics], prefixes,
+                        self._folded_prefix, openmetrics, out)
         return "".join(out), ShownExemplars(self._lock, shown if openmetrics else [])
 
     def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -357,13 +341,6 @@ class SpecDecodeCollector(Collector):
         k = self.max_draft_tokens
         length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
         return stage_les, step_les, length_les, [str(p) for p in range(k)]
-
-    def _series_text(self, method: str) -> SeriesText:
-        names = {"stage": "spec_decode_stage_duration_seconds",
-                 "step": "spec_decode_step_duration_seconds",
-                 "length": "spec_decode_accepted_length"}
-        return SeriesText(names, method, self.const_labels, *self._layout(),
-                          counter_names=COUNTERS_WITH_EXEMPLARS, position_names=_PER_POSITION)
 
 
 def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:

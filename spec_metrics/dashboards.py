@@ -19,7 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from spec_metrics.catalog import RESERVED_LABELS, STAGES, by_name
+from spec_metrics import catalog
+from spec_metrics.catalog import RESERVED_LABELS, STAGES
 
 __all__ = [
     "DASHBOARD_UID", "DASHBOARD_FILE", "DEFAULT_CONST_LABELS", "build_dashboard",
@@ -35,19 +36,19 @@ DS_UID = "${" + DS_VAR + "}"
 RATE = "$__rate_interval"
 QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
 
-STAGE_HIST = by_name("spec_decode_stage_duration_seconds")
-STEP_HIST = by_name("spec_decode_step_duration_seconds")
-ACC_LEN_HIST = by_name("spec_decode_accepted_length")
-DRAFTS = by_name("spec_decode_drafts_total")
-DRAFT_TOKENS = by_name("spec_decode_draft_tokens_total")
-ACCEPTED_TOKENS = by_name("spec_decode_accepted_tokens_total")
-EMITTED_TOKENS = by_name("spec_decode_emitted_tokens_total")
-DRAFT_POS = by_name("spec_decode_draft_tokens_per_position_total")
-ACCEPTED_POS = by_name("spec_decode_accepted_tokens_per_position_total")
-DROPPED = by_name("spec_metrics_dropped_total")
-FOLDED = by_name("spec_metrics_label_values_folded_total")
-SKIPPED = by_name("spec_metrics_traced_steps_skipped_total")
-WITHHELD = by_name("spec_metrics_exemplars_withheld_total")
+STAGE_HIST = catalog.STAGE_DURATION
+STEP_HIST = catalog.STEP_DURATION
+ACC_LEN_HIST = catalog.ACCEPTED_LENGTH
+DRAFTS = catalog.DRAFTS
+DRAFT_TOKENS = catalog.DRAFT_TOKENS
+ACCEPTED_TOKENS = catalog.ACCEPTED_TOKENS
+EMITTED_TOKENS = catalog.EMITTED_TOKENS
+DRAFT_POS = catalog.DRAFT_TOKENS_PER_POSITION
+ACCEPTED_POS = catalog.ACCEPTED_TOKENS_PER_POSITION
+DROPPED = catalog.DROPPED
+FOLDED = catalog.LABEL_VALUES_FOLDED
+SKIPPED = catalog.TRACED_STEPS_SKIPPED
+WITHHELD = catalog.EXEMPLARS_WITHHELD
 
 
 @functools.cache
@@ -81,7 +82,7 @@ class _Queries:
 
     def sel(self, name: str, suffix: str = "", **fixed: str) -> str:
         """`name+suffix{...}` filtered by every variable that applies to the metric."""
-        spec = by_name(name)
+        spec = catalog.by_name(name)
         labels = [lb for lb in ("method",) if lb in spec.labels]
         if spec.const_labels:
             labels += list(self.const_labels)

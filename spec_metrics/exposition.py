@@ -1,11 +1,13 @@
 """The /metrics response: prometheus_client's content negotiation, our fast writer.
 
 Same behaviour as prometheus_client's WSGI/ASGI apps (OPTIONS and GET, `name[]`
-filtering, gzip when accepted, the format chosen from the Accept header), but a
-SpecDecodeCollector in the registry is written by `SpecDecodeCollector.render_text`
-(cached prefixes, see textformat.py) instead of sample by sample. Other collectors in the
-registry, a `name[]` query and escaping schemes other than the legacy ones go through
-prometheus_client's own writers, so the bytes are the same either way.
+filtering, gzip when accepted, the format chosen from the Accept header). The registry's
+collectors are written in registry order: each SpecDecodeCollector by its own fast writer
+(`_render_text`: cached prefixes, see textformat.py), every other collector's families by
+prometheus_client's writer, so the bytes are what prometheus_client would write for the whole
+registry. A `name[]` query, escaping schemes other than the legacy ones, a registry with
+target info or one that is not a CollectorRegistry go through prometheus_client's writers
+alone (SpecDecodeCollector.collect() yields ordinary families).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from urllib.parse import parse_qs
 
 from prometheus_client import exposition as classic
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
 
-from .collector import _RENDER_REQUEST, PrerenderRequest
+from .collector import SpecDecodeCollector
 from .exemplars import ShownExemplars
 
 __all__ = ["MetricsResponse", "metrics_response", "render", "render_marking"]
@@ -56,10 +59,11 @@ def render(registry: Any, encoder: Callable[[Any], bytes]) -> bytes:
 
 def render_marking(registry: Any, encoder: Callable[[Any], bytes]
                    ) -> tuple[bytes, list[ShownExemplars]]:
-    """`encoder(registry)`, with every SpecDecodeCollector written by its fast writer, and
+    """`encoder(registry)` with every SpecDecodeCollector written by its fast writer, and
     the exemplars this response carries (to mark shown once it was sent as OpenMetrics)."""
     om = _fast_format(encoder)
-    if om is None:
+    collectors = _collectors_in_order(registry) if om is not None else None
+    if collectors is None or not any(isinstance(c, SpecDecodeCollector) for c in collectors):
         return encoder(registry), []
     parts: list[bytes] = []
     shown: list[ShownExemplars] = []
@@ -71,22 +75,37 @@ def render_marking(registry: Any, encoder: Callable[[Any], bytes]
             parts.append(text[:-len(_EOF)] if om and text.endswith(_EOF) else text)
             foreign.clear()
 
-    _RENDER_REQUEST.active = True
-    try:
-        for family in registry.collect():
-            if isinstance(family, PrerenderRequest):
-                flush()
-                text, exemplars = family.collector.render_text(om)
-                parts.append(text.encode("utf-8"))
-                shown.append(exemplars)
-            else:
-                foreign.append(family)
-    finally:
-        _RENDER_REQUEST.active = False
+    for collector in collectors:
+        if isinstance(collector, SpecDecodeCollector):
+            flush()
+            text, exemplars = collector._render_text(bool(om))
+            parts.append(text.encode("utf-8"))
+            shown.append(exemplars)
+        else:
+            foreign.extend(collector.collect())
     flush()
     if om:
         parts.append(_EOF)
     return b"".join(parts), shown
+
+
+def _collectors_in_order(registry: Any) -> list[Collector] | None:
+    """The collectors of a CollectorRegistry in the order its collect() visits them, or None
+    where that cannot be known (another registry type, target info set).
+
+    prometheus_client has no public way to list a registry's collectors; its
+    `_collector_to_names` (insertion-ordered, guarded by `_lock`) has been stable since
+    0.4. Should it change, every response takes prometheus_client's own path: the same
+    bytes, slower (tests/test_exposition.py would notice the speed path is gone)."""
+    names = getattr(registry, "_collector_to_names", None)
+    lock = getattr(registry, "_lock", None)
+    if not isinstance(names, dict) or lock is None:
+        return None
+    get_target_info = getattr(registry, "get_target_info", None)
+    if get_target_info is not None and get_target_info():
+        return None
+    with lock:
+        return list(names)
 
 
 class MetricsResponse(NamedTuple):

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from .catalog import DEFAULT_MAX_DRAFT_TOKENS, STAGES, by_name
+from . import catalog
+from .catalog import DEFAULT_MAX_DRAFT_TOKENS, STAGES
 
 __all__ = ["RuleParams", "ALERTS", "build_rules", "render_rules", "write_rules", "RULES_FILE"]
 
@@ -30,13 +31,13 @@ ALERTS = (
     "SpecDecodeMetricsAbsent",
 )
 
-_DRAFTS = by_name("spec_decode_drafts_total").name
-_DRAFT_TOKENS = by_name("spec_decode_draft_tokens_total").name
-_ACCEPTED = by_name("spec_decode_accepted_tokens_total").name
-_POS_DRAFT = by_name("spec_decode_draft_tokens_per_position_total").name
-_POS_ACCEPTED = by_name("spec_decode_accepted_tokens_per_position_total").name
-_STAGE = by_name("spec_decode_stage_duration_seconds").name
-_STEP = by_name("spec_decode_step_duration_seconds").name
+_DRAFTS = catalog.DRAFTS.name
+_DRAFT_TOKENS = catalog.DRAFT_TOKENS.name
+_ACCEPTED = catalog.ACCEPTED_TOKENS.name
+_POS_DRAFT = catalog.DRAFT_TOKENS_PER_POSITION.name
+_POS_ACCEPTED = catalog.ACCEPTED_TOKENS_PER_POSITION.name
+_STAGE = catalog.STAGE_DURATION.name
+_STEP = catalog.STEP_DURATION.name
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -13,18 +13,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from prometheus_client.samples import Exemplar
 
-from .catalog import STAGES
+from .catalog import COUNTERS_WITH_EXEMPLARS, STAGES, MetricSpec
 from .exemplars import ExemplarSlots
 from .span_fate import ExportTicket
 
-__all__ = ["COUNTERS_WITH_EXEMPLARS", "MethodSeries", "Snapshot", "StepExemplars", "peek_all"]
-
-COUNTERS_WITH_EXEMPLARS = (
-    "spec_decode_drafts_total",
-    "spec_decode_draft_tokens_total",
-    "spec_decode_accepted_tokens_total",
-    "spec_decode_emitted_tokens_total",
-)
+__all__ = ["MethodSeries", "Snapshot", "StepExemplars", "peek_all"]
 
 
 class Snapshot(NamedTuple):
@@ -32,10 +25,10 @@ class Snapshot(NamedTuple):
     #  accepted_hist, draft_hist, length exemplars, counter exemplars,
     #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
     series: list[tuple]
-    drops: dict[str, int]
+    # catalog.REASON_COUNTERS' values: dropped input, steps selected for tracing and not
+    # traced, traced steps whose exemplars were withheld; each by reason.
+    reasons: dict[MetricSpec, dict[str, int]]
     folded: int  # steps recorded under method="other"
-    skipped: dict[str, int]  # steps selected for tracing and not traced, by reason
-    withheld: dict[str, int]  # traced steps whose exemplars were withheld, by reason
 
 
 class StepExemplars:

@@ -18,7 +18,17 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from .catalog import STAGES
+from .catalog import (
+    ACCEPTED_LENGTH,
+    COUNTERS_WITH_EXEMPLARS,
+    LABEL_VALUES_FOLDED,
+    METRICS,
+    PER_POSITION_COUNTERS,
+    STAGE_DURATION,
+    STAGES,
+    STEP_DURATION,
+    MetricSpec,
+)
 
 if TYPE_CHECKING:
     from .series import Snapshot
@@ -87,61 +97,54 @@ class _HistogramText:
 class SeriesText:
     """Every sample prefix (`name{labels} `) of one method, formatted once."""
 
-    def __init__(self, names: Mapping[str, str], method: str, const: Mapping[str, str],
-                 stage_les: Sequence[str], step_les: Sequence[str],
-                 length_les: Sequence[str], positions: Sequence[str],
-                 counter_names: Sequence[str], position_names: Sequence[str]) -> None:
+    def __init__(self, method: str, const: Mapping[str, str], stage_les: Sequence[str],
+                 step_les: Sequence[str], length_les: Sequence[str],
+                 positions: Sequence[str]) -> None:
         base = {"method": method, **const}
-        self.stages = [_HistogramText(names["stage"], {**base, "stage": stage}, stage_les)
+        self.stages = [_HistogramText(STAGE_DURATION.name, {**base, "stage": stage}, stage_les)
                        for stage in STAGES]
-        self.step = _HistogramText(names["step"], base, step_les)
-        self.length = _HistogramText(names["length"], base, length_les)
-        self.counters = [f"{name}{label_text(base)} " for name in counter_names]
-        self.positions = [[f"{name}{label_text({**base, 'position': p})} " for p in positions]
-                          for name in position_names]
+        self.step = _HistogramText(STEP_DURATION.name, base, step_les)
+        self.length = _HistogramText(ACCEPTED_LENGTH.name, base, length_les)
+        self.counters = [f"{spec.name}{label_text(base)} " for spec in COUNTERS_WITH_EXEMPLARS]
+        self.positions = [[f"{spec.name}{label_text({**base, 'position': p})} "
+                           for p in positions] for spec in PER_POSITION_COUNTERS]
 
 
 def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
-                    headers: Sequence[str], drop_prefixes: Mapping[tuple[str, str], str],
+                    headers: Mapping[MetricSpec, str],
+                    reason_prefixes: Mapping[tuple[MetricSpec, str], str],
                     folded_prefix: str, openmetrics: bool, out: list[str]) -> None:
-    """Append the collector's families, in the order collect() yields them: stage, step,
-    accepted length, the 4 counters, the 2 per-position counters, dropped input, folded
-    label values, skipped traced steps, withheld exemplars."""
+    """Append the collector's families in catalog order (as collect() yields them)."""
     series = [(texts[method], data) for method, *data in snapshot.series]
     keep = openmetrics  # only OpenMetrics carries exemplars
-    out.append(headers[0])
-    for text, (latency, *_rest) in series:
-        for stage_text, (counts, total, exemplars) in zip(text.stages, latency[:-1]):
-            stage_text.render(out, counts, total, exemplars if keep else None)
-    out.append(headers[1])
-    for text, (latency, *_rest) in series:
-        counts, total, exemplars = latency[-1]
-        text.step.render(out, counts, total, exemplars if keep else None)
-    out.append(headers[2])
-    for text, (_l, accepted_hist, _d, length_ex, _c, _s) in series:
-        counts = [*accepted_hist.tolist(), 0]
-        total = float(sum(i * n for i, n in enumerate(counts)))
-        text.length.render(out, counts, total, length_ex if keep else None)
-    for index in range(4):
-        out.append(headers[3 + index])
-        for text, (_l, _a, _d, _e, counter_ex, totals) in series:
-            exemplar = counter_ex[index] if keep else None
-            tail = "" if exemplar is None else _exemplar_text(exemplar)
-            out.append(f"{text.counters[index]}{format_count(totals[0][index])}{tail}\n")
-    for index in range(2):
-        out.append(headers[7 + index])
-        for text, (_l, _a, _d, _e, _c, totals) in series:
-            for prefix, value in zip(text.positions[index], totals[1 + index]):
-                out.append(f"{prefix}{format_count(value)}\n")
-    out.append(headers[9])
-    for reason, value in snapshot.drops.items():
-        prefix = drop_prefixes[("spec_metrics_dropped_total", reason)]
-        out.append(f"{prefix}{format_count(value)}\n")
-    out.append(headers[10])
-    out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")
-    for header, name, counts in (
-            (headers[11], "spec_metrics_traced_steps_skipped_total", snapshot.skipped),
-            (headers[12], "spec_metrics_exemplars_withheld_total", snapshot.withheld)):
-        out.append(header)
-        for reason, value in counts.items():
-            out.append(f"{drop_prefixes[(name, reason)]}{format_count(value)}\n")
+    for spec in METRICS:
+        out.append(headers[spec])
+        if spec is STAGE_DURATION:
+            for text, (latency, *_rest) in series:
+                for stage_text, (counts, total, exemplars) in zip(text.stages, latency[:-1]):
+                    stage_text.render(out, counts, total, exemplars if keep else None)
+        elif spec is STEP_DURATION:
+            for text, (latency, *_rest) in series:
+                counts, total, exemplars = latency[-1]
+                text.step.render(out, counts, total, exemplars if keep else None)
+        elif spec is ACCEPTED_LENGTH:
+            for text, (_l, accepted_hist, _d, length_ex, _c, _s) in series:
+                counts = [*accepted_hist.tolist(), 0]
+                total = float(sum(i * n for i, n in enumerate(counts)))
+                text.length.render(out, counts, total, length_ex if keep else None)
+        elif spec in COUNTERS_WITH_EXEMPLARS:
+            index = COUNTERS_WITH_EXEMPLARS.index(spec)
+            for text, (_l, _a, _d, _e, counter_ex, totals) in series:
+                exemplar = counter_ex[index] if keep else None
+                tail = "" if exemplar is None else _exemplar_text(exemplar)
+                out.append(f"{text.counters[index]}{format_count(totals[0][index])}{tail}\n")
+        elif spec in PER_POSITION_COUNTERS:
+            index = PER_POSITION_COUNTERS.index(spec)
+            for text, (_l, _a, _d, _e, _c, totals) in series:
+                for prefix, value in zip(text.positions[index], totals[1 + index]):
+                    out.append(f"{prefix}{format_count(value)}\n")
+        elif spec is LABEL_VALUES_FOLDED:
+            out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")
+        else:  # one of REASON_COUNTERS
+            for reason, value in snapshot.reasons[spec].items():
+                out.append(f"{reason_prefixes[(spec, reason)]}{format_count(value)}\n")

@@ -109,3 +109,24 @@ def test_span_processor_exposes_exactly_the_catalog():
     SpanExportProcessor(InMemorySpanExporter(), registry=registry)
     names = {family.name for family in registry.collect()}
     assert names == {spec.family for spec in catalog.SPAN_EXPORT_METRICS}
+
+
+def test_no_metric_name_is_spelled_outside_the_catalog():
+    # The catalog is the one source of names: any string constant elsewhere in the package
+    # that spells a metric (family, sample or exposition name) is a second source.
+    import ast
+    from pathlib import Path
+
+    names: set[str] = set()
+    for spec in (*catalog.METRICS, *catalog.SPAN_EXPORT_METRICS, *catalog.VLLM_COMPAT_METRICS):
+        names |= {spec.name, spec.family}
+        names |= {spec.family + suffix for suffix in ("_bucket", "_count", "_sum", "_created")}
+    package = Path(catalog.__file__).resolve().parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "catalog.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(package)}:{node.lineno} {node.value!r}")
+    assert not found, "metric names spelled outside catalog.py: " + "; ".join(found)

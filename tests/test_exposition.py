@@ -183,3 +183,37 @@ def test_the_next_step_applies_queued_steps_in_order(make_hooks, registry, clock
     assert len(collector._deferred) == 0
     hist = collector._series["eagle"].accepted_hist.tolist()
     assert hist[:3] == [1, 0, 1]
+
+
+def test_collect_honours_the_collector_contract(make_hooks, registry) -> None:
+    # prometheus_client's Collector.collect() -> Iterable[Metric]: real families, whatever
+    # is rendering (no sentinel), one per catalog entry, in catalog order.
+    from prometheus_client.metrics_core import Metric
+
+    from spec_metrics.catalog import METRICS
+
+    hooks = make_hooks(trace_ratio=1.0)
+    _drive(hooks, 0, 3, 4)
+    families = list(hooks.collector.collect())
+    assert all(isinstance(f, Metric) for f in families)
+    assert [f.name for f in families] == [spec.family for spec in METRICS]
+
+
+def test_our_apps_write_our_collectors_with_the_fast_writer(make_hooks, registry,
+                                                            monkeypatch) -> None:
+    # The registry's other collectors are collected as usual; ours are never asked for
+    # families on this path, and the bytes still equal prometheus_client's.
+    from spec_metrics.exposition import _collectors_in_order, render_marking
+
+    hooks = make_hooks(trace_ratio=1.0)
+    Counter("other_requests", "Another library's counter.", registry=registry).inc()
+    _drive(hooks, 1, 3, 4)
+    expected = openmetrics.generate_latest(registry)
+    assert _collectors_in_order(registry) is not None
+
+    def refuse() -> None:
+        raise AssertionError("the fast path collected families")
+
+    monkeypatch.setattr(hooks.collector, "collect", refuse)
+    body, shown = render_marking(registry, openmetrics.generate_latest)
+    assert body == expected and len(shown) == 1
