@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from spec_metrics import SpecDecodeHooks  # noqa: E402
-from spec_metrics.spans import SpanExportProcessor  # noqa: E402
+from spec_metrics._tracing.processor import SpanExportProcessor  # noqa: E402
 from tests.otlp import free_port  # noqa: E402
 from tests.test_collector_faults import HangingCollector  # noqa: E402
 

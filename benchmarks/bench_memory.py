@@ -38,8 +38,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client import CollectorRegistry
 
 from spec_metrics import SpecDecodeHooks
-from spec_metrics.exposition import metrics_response
-from spec_metrics.spans import SpanExportProcessor
+from spec_metrics._prometheus.exposition import metrics_response
+from spec_metrics._tracing.processor import SpanExportProcessor
 
 OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
 

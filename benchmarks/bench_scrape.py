@@ -8,10 +8,10 @@ engine's hooks wait while scrapes render concurrently.
    (distinct `method` values sharing the collector), each with steps recorded at
    trace_ratio=1.0 through a real SDK TracerProvider (no-op exporter), so every bucket that
    was hit carries an exemplar. Timed: what spec_metrics' /metrics serves
-   (`spec_metrics.exposition.render`, OpenMetrics and classic: the collector's cached-prefix
-   writer), and for comparison `collect()` alone and prometheus_client's own OpenMetrics and
-   classic `generate_latest` on the same registry (the same bytes, checked); median and p99
-   over `--renders` renders, interleaved across writers.
+   (`spec_metrics._prometheus.exposition.render`, OpenMetrics and classic: the collector's
+   cached-prefix writer), and for comparison `collect()` alone and prometheus_client's own
+   OpenMetrics and classic `generate_latest` on the same registry (the same bytes, checked);
+   median and p99 over `--renders` renders, interleaved across writers.
 2. Concurrent: one thread runs hook steps at full rate (batch 256, K 4, numpy accepted,
    default tracing: ratio 0.01 + outliers) while N threads answer /metrics requests in a
    tight loop (`metrics_response` with Prometheus' Accept header, then
@@ -49,7 +49,7 @@ from spec_metrics import SpecDecodeHooks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_hooks import report  # noqa: E402
 
-from spec_metrics.exposition import metrics_response, render
+from spec_metrics._prometheus.exposition import metrics_response, render
 
 # What Prometheus 2.42 sends when it scrapes.
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"

@@ -4,12 +4,14 @@ One set of stage hooks (draft, verify, draft_extend) feeds Prometheus histograms
 counters, OpenTelemetry spans of the steps, and exemplars that link the two.
 """
 
-from .catalog import METRICS, STAGES, MetricSpec
-from .collector import SpecDecodeCollector
-from .config import HooksConfig
-from .drops import StrictModeError
-from .hooks import SpecDecodeHooks
-from .multiprocess import (
+from spec_metrics._core.hooks import SpecDecodeHooks
+from spec_metrics._core.sinks import StepResult
+from spec_metrics._prometheus.collector import SpecDecodeCollector
+from spec_metrics._support.config import HooksConfig
+from spec_metrics._support.drops import StrictModeError
+from spec_metrics.catalog import METRICS, STAGES, MetricSpec
+from spec_metrics.http.server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
+from spec_metrics.multiprocess import (
     RankInfo,
     rank_from_env,
     rank_labels,
@@ -17,8 +19,6 @@ from .multiprocess import (
     scrape_config,
     start_rank_http_server,
 )
-from .server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
-from .sinks import StepResult
 
 __version__ = "0.1.0"
 
@@ -49,7 +49,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # The span processor imports the OpenTelemetry SDK: loaded on first use only.
     if name == "SpanExportProcessor":
-        from .spans import SpanExportProcessor
+        from spec_metrics._tracing.processor import SpanExportProcessor
 
         return SpanExportProcessor
     raise AttributeError(f"module 'spec_metrics' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from spec_metrics.ops.cli import main
 
 raise SystemExit(main())

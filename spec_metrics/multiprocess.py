@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
-from .server import DEFAULT_HOST, DEFAULT_PORT, MetricsServer
+from spec_metrics.http.server import DEFAULT_HOST, DEFAULT_PORT, MetricsServer
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource

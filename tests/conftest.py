@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 import spec_metrics
-from spec_metrics import hooks as hooks_module
+from spec_metrics._core import hooks as hooks_module
 
 try:
     from hypothesis import HealthCheck

@@ -117,7 +117,7 @@ def test_good_data_after_bad_data_is_still_recorded(make_hooks, registry):
 def test_warnings_are_rate_limited_and_report_suppressed(make_hooks, caplog, monkeypatch):
     hooks = make_hooks(warn_interval_seconds=60.0)
     now = [1000.0]
-    monkeypatch.setattr("spec_metrics.drops.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("spec_metrics._support.drops.time.monotonic", lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="spec_metrics"):
         for _ in range(5):
             hooks.draft_end()

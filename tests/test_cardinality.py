@@ -8,7 +8,7 @@ from prometheus_client import exposition as classic
 from prometheus_client.openmetrics import exposition as openmetrics
 
 import spec_metrics
-from spec_metrics.exposition import render
+from spec_metrics._prometheus.exposition import render
 
 from .conftest import run_step, sample_value, scrape
 

@@ -73,7 +73,7 @@ def test_readme_catalog_table_is_current():
 def test_readme_documents_every_environment_variable():
     from pathlib import Path
 
-    from spec_metrics.config import ENV_VARS
+    from spec_metrics._support.config import ENV_VARS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for option, (variable, _) in ENV_VARS.items():
@@ -103,7 +103,7 @@ def test_span_processor_exposes_exactly_the_catalog():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from prometheus_client import CollectorRegistry
 
-    from spec_metrics.spans import SpanExportProcessor
+    from spec_metrics._tracing.processor import SpanExportProcessor
 
     registry = CollectorRegistry()
     SpanExportProcessor(InMemorySpanExporter(), registry=registry)

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 import spec_metrics
-from spec_metrics.spans import SpanExportProcessor
+from spec_metrics._tracing.processor import SpanExportProcessor
 
 from .conftest import run_step, sample_value, scrape
 from .otlp import OtlpReceiver, span_trace_id

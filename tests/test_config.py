@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import spec_metrics
-from spec_metrics.config import HooksConfig
+from spec_metrics._support.config import HooksConfig
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ import yaml
 if sys.version_info < (3, 11):  # the SDK needs 3.11; on 3.11+ a missing SDK is a failure
     pytest.skip("grafana-foundation-sdk needs Python >= 3.11", allow_module_level=True)
 
-from spec_metrics import dashboards  # noqa: E402
 from spec_metrics.catalog import METRICS, STAGES, by_name  # noqa: E402
+from spec_metrics.ops import dashboards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "dashboards" / dashboards.DASHBOARD_FILE
@@ -53,7 +53,7 @@ def _family(metric: str) -> str:
 def test_committed_json_equals_generator():
     assert COMMITTED.read_text(encoding="utf-8") == dashboards.render_dashboard_json(), (
         "dashboards/spec_metrics.json is out of date: run `spec-metrics dashboards --out "
-        "dashboards/` (or spec_metrics.dashboards.write_dashboards('dashboards'))"
+        "dashboards/` (or spec_metrics.ops.dashboards.write_dashboards('dashboards'))"
     )
 
 
@@ -254,8 +254,8 @@ def test_cli_regenerates_the_committed_dashboard(tmp_path):
 
 
 def test_dashboard_docs_are_current_and_every_image_exists():
-    from spec_metrics.dashboard_docs import render_dashboard_docs
-    from spec_metrics.dashboards import build_dashboard
+    from spec_metrics.ops.dashboard_docs import render_dashboard_docs
+    from spec_metrics.ops.dashboards import build_dashboard
 
     docs = Path(__file__).resolve().parent.parent / "docs"
     page = (docs / "dashboards.md").read_text()

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, TraceIdRatioBased
 
 import spec_metrics
-from spec_metrics.config import HooksConfig
+from spec_metrics._support.config import HooksConfig
 
 from .conftest import run_step, sample_value, scrape
 

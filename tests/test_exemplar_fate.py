@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from prometheus_client import CollectorRegistry
 
 import spec_metrics
-from spec_metrics.exposition import metrics_response
-from spec_metrics.spans import SpanExportProcessor
+from spec_metrics._prometheus.exposition import metrics_response
+from spec_metrics._tracing.processor import SpanExportProcessor
 
 from .conftest import run_step, sample_value, scrape
 

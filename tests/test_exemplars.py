@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.exposition import generate_latest as classic_latest
 
-from spec_metrics.exemplars import PRIORITY, ExemplarSlots
+from spec_metrics._prometheus.exemplars import ExemplarSlots
+from spec_metrics._tracing.step_exemplars import PRIORITY
 
 from .conftest import run_step, scrape
 
@@ -113,7 +114,7 @@ def test_without_the_policy_the_spike_would_be_lost(make_hooks, registry, clock)
 
 def test_hold_time_bounds_an_unscraped_exemplar(make_hooks, registry, clock, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("spec_metrics.collector.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("spec_metrics._prometheus.collector.time.monotonic", lambda: now[0])
     hooks = make_hooks(trace_ratio=1.0, outlier_quantile=None, slow_stage_seconds=0.2,
                        exemplar_hold_seconds=30.0)
     run_step(hooks, clock, [1], 2, durations=(0.001, 0.22, 0.001))

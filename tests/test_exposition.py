@@ -18,8 +18,8 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.utils import floatToGoString
 
 import spec_metrics
-from spec_metrics.exposition import metrics_response, render
-from spec_metrics.textformat import format_count
+from spec_metrics._prometheus.exposition import metrics_response, render
+from spec_metrics._prometheus.textformat import format_count
 
 from .conftest import run_step, sample_value, scrape
 from .test_server import PROMETHEUS_ACCEPT
@@ -203,7 +203,7 @@ def test_our_apps_write_our_collectors_with_the_fast_writer(make_hooks, registry
                                                             monkeypatch) -> None:
     # The registry's other collectors are collected as usual; ours are never asked for
     # families on this path, and the bytes still equal prometheus_client's.
-    from spec_metrics.exposition import _collectors_in_order, render_marking
+    from spec_metrics._prometheus.exposition import _collectors_in_order, render_marking
 
     hooks = make_hooks(trace_ratio=1.0)
     Counter("other_requests", "Another library's counter.", registry=registry).inc()

@@ -25,11 +25,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 import spec_metrics
-from spec_metrics.exposition import render, render_marking
-from spec_metrics.forking import _INHERITED
-from spec_metrics.record import StepRecord
-from spec_metrics.spans import SpanExportProcessor
-from spec_metrics.tracing import TraceSink
+from spec_metrics._core.record import StepRecord
+from spec_metrics._prometheus.exposition import render, render_marking
+from spec_metrics._support.forking import _INHERITED
+from spec_metrics._tracing.processor import SpanExportProcessor
+from spec_metrics._tracing.sink import TraceSink
 
 from .conftest import run_step
 

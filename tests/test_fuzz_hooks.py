@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from prometheus_client.utils import floatToGoString
 
 import spec_metrics
-from spec_metrics import hooks as hooks_module
+from spec_metrics._core import hooks as hooks_module
 from spec_metrics.catalog import (
     DEFAULT_STAGE_BUCKETS,
     DEFAULT_STEP_BUCKETS,

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import spec_metrics
-from spec_metrics.tracing import CLOCK_RECALIBRATE_S, TraceSink
+from spec_metrics._tracing.sink import CLOCK_RECALIBRATE_S, TraceSink
 
 from .conftest import run_step, sample_value, scrape
 
@@ -174,7 +174,7 @@ def test_span_times_follow_a_wall_clock_that_moved(make_hooks, exporter, monkeyp
     wall = [1_700_000_000_000_000_000]
     monkeypatch.setattr(TraceSink, "perf_clock_ns", staticmethod(lambda: perf[0]))
     monkeypatch.setattr(TraceSink, "wall_clock_ns", staticmethod(lambda: wall[0]))
-    monkeypatch.setattr("spec_metrics.hooks.perf_counter_ns", lambda: perf[0])
+    monkeypatch.setattr("spec_metrics._core.hooks.perf_counter_ns", lambda: perf[0])
     hooks = make_hooks(trace_ratio=1.0, outlier_quantile=None)
 
     def step_start() -> int:

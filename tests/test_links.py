@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import spec_metrics
-from spec_metrics.telemetry import make_tracer_provider
+from spec_metrics.ops.telemetry import make_tracer_provider
 
 from .conftest import run_step
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spec_metrics import catalog, rules
-from spec_metrics.rules import ALERTS, RuleParams, build_rules, render_rules, write_rules
+from spec_metrics import catalog
+from spec_metrics.ops import rules
+from spec_metrics.ops.rules import ALERTS, RuleParams, build_rules, render_rules, write_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_PATH = ROOT / "alerts" / rules.RULES_FILE
@@ -43,7 +44,7 @@ def _rules(doc: dict) -> list[dict]:
 def test_committed_rules_equal_generator_output():
     assert RULES_PATH.read_text(encoding="utf-8") == render_rules(RuleParams()), (
         "alerts/spec_metrics.rules.yml differs from the generator: regenerate it with "
-        "python -c 'from spec_metrics.rules import write_rules; write_rules(\"alerts\")'")
+        "python -c 'from spec_metrics.ops.rules import write_rules; write_rules(\"alerts\")'")
 
 
 def test_render_is_deterministic_and_write_rules_writes_it(tmp_path):

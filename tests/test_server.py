@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as classic_families
 
 import spec_metrics
-from spec_metrics.server import DEFAULT_HOST, DEFAULT_PORT
+from spec_metrics.http.server import DEFAULT_HOST, DEFAULT_PORT
 
 from .conftest import run_step
 

@@ -26,8 +26,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 import spec_metrics
-from spec_metrics.auth import CHALLENGE, BasicAuth, hash_password
-from spec_metrics.server import make_tls_context, start_http_server
+from spec_metrics.http.auth import CHALLENGE, BasicAuth, hash_password
+from spec_metrics.http.server import make_tls_context, start_http_server
 
 from .certs import TestPKI, make_pki
 from .conftest import run_step
@@ -244,7 +244,7 @@ def test_auth_header_variants(auth):
 
 
 def test_auth_file_and_hash_command(tmp_path, registry):
-    line = subprocess.run([sys.executable, "-m", "spec_metrics.auth", "prometheus"],
+    line = subprocess.run([sys.executable, "-m", "spec_metrics.http.auth", "prometheus"],
                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=60,
                           check=True).stdout.strip()
     assert line.startswith("prometheus:pbkdf2_sha256:200000:")

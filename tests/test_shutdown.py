@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import pytest
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from spec_metrics.telemetry import BoundedShutdownTracerProvider
+from spec_metrics.ops.telemetry import BoundedShutdownTracerProvider
 
 from .otlp import OtlpReceiver
 
@@ -31,7 +31,7 @@ import spec_metrics
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from spec_metrics.telemetry import make_tracer_provider
+from spec_metrics.ops.telemetry import make_tracer_provider
 
 endpoint, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "sdk-close":

@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import spec_metrics
+from spec_metrics._tracing.sink import TraceSink
 from spec_metrics.catalog import SKIP_REASONS
-from spec_metrics.tracing import TraceSink
 
 from .conftest import run_step, sample_value, scrape
 

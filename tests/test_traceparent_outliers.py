@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from spec_metrics.outliers import RunningQuantile
-from spec_metrics.traceparent import any_sampled, parse_traceparent
+from spec_metrics._tracing.outliers import RunningQuantile
+from spec_metrics._tracing.traceparent import any_sampled, parse_traceparent
 
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"

@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from .corpus import load_corpus
-from .models import GPT, KVCache, make_draft_model, renoise_, to_device
-from .sampling import probs
+from spec_metrics.demo.corpus import load_corpus
+from spec_metrics.demo.models import GPT, KVCache, make_draft_model, renoise_, to_device
+from spec_metrics.demo.sampling import probs
 
 # Proxy acceptance that calibrate_sigma aims for (see there).  Measured with
 # the default workload (k=4): greedy acceptance 0.85 (Python 3.11 corpus) and

@@ -16,12 +16,12 @@ from typing import Any, Deque, Optional, Sequence
 
 import torch
 
-from .corpus import Corpus, load_corpus
-from .drafters import BatchView, Proposal
-from .models import GPT, to_device
-from .records import EngineConfig, Request, SpecCounters
-from .sampling import Acceptor, rejection_accept
-from .stages import EagerStages, GraphedStages
+from spec_metrics.demo.corpus import Corpus, load_corpus
+from spec_metrics.demo.drafters import BatchView, Proposal
+from spec_metrics.demo.models import GPT, to_device
+from spec_metrics.demo.records import EngineConfig, Request, SpecCounters
+from spec_metrics.demo.sampling import Acceptor, rejection_accept
+from spec_metrics.demo.stages import EagerStages, GraphedStages
 
 __all__ = ["Engine", "EngineConfig", "Request", "SpecCounters"]
 

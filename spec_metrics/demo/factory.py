@@ -6,12 +6,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .drafters import ModelDrafter, NgramDrafter
-from .engine import Engine
-from .models import GPT, GPTConfig
-from .records import EngineConfig, SpecCounters
-from .sampling import Acceptor
-from .training import TrainConfig, load_or_train
+from spec_metrics.demo.drafters import ModelDrafter, NgramDrafter
+from spec_metrics.demo.engine import Engine
+from spec_metrics.demo.models import GPT, GPTConfig
+from spec_metrics.demo.records import EngineConfig, SpecCounters
+from spec_metrics.demo.sampling import Acceptor
+from spec_metrics.demo.training import TrainConfig, load_or_train
 
 __all__ = ["build_engine", "generate"]
 

@@ -20,7 +20,7 @@ DEFAULT_SPIKE_MS = 300.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..server import DEFAULT_HOST, DEFAULT_PORT
+    from spec_metrics.http.server import DEFAULT_HOST, DEFAULT_PORT
 
     parser.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
                         help="how long to run (default 30)")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require client certificates signed by these CAs (mutual TLS)")
     parser.add_argument("--basic-auth-file", metavar="PATH",
                         help="user:secret lines; /metrics then needs basic auth "
-                        "(python -m spec_metrics.auth USER prints a line)")
+                        "(python -m spec_metrics.http.auth USER prints a line)")
     parser.add_argument("--method", choices=("draft_model", "ngram"), default="draft_model",
                         help="drafter: a noisy copy of the target, or n-gram prompt lookup")
     parser.add_argument("--batch-size", type=int, default=8, help="running requests (default 8)")
@@ -69,15 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from opentelemetry import trace
 
-    from .. import SpecDecodeHooks, start_http_server
-    from ..telemetry import make_tracer_provider
-    from .summary import DemoSummary
+    from spec_metrics import SpecDecodeHooks, start_http_server
+    from spec_metrics.demo.summary import DemoSummary
+    from spec_metrics.ops.telemetry import make_tracer_provider
 
     _check(args)
     import torch
 
-    from .factory import build_engine
-    from .records import EngineConfig
+    from spec_metrics.demo.factory import build_engine
+    from spec_metrics.demo.records import EngineConfig
 
     device = args.device
     if device == "auto":

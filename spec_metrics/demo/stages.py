@@ -19,9 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .drafters import BatchView, ModelDrafter, Proposal
-from .models import GPT, KVCache
-from .sampling import Acceptor, greedy_accept, probs
+from spec_metrics.demo.drafters import BatchView, ModelDrafter, Proposal
+from spec_metrics.demo.models import GPT, KVCache
+from spec_metrics.demo.sampling import Acceptor, greedy_accept, probs
 
 __all__ = ["EagerStages", "GraphedStages", "Verified"]
 

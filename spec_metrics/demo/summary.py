@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..catalog import STAGES
-from ..sinks import StepResult
+from spec_metrics._core.sinks import StepResult
+from spec_metrics.catalog import STAGES
 
 __all__ = ["DemoSummary"]
 

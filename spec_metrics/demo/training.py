@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .corpus import Corpus, load_corpus
-from .models import GPT, GPTConfig
+from spec_metrics.demo.corpus import Corpus, load_corpus
+from spec_metrics.demo.models import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 

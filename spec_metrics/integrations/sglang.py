@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..drops import StrictModeError
-from ..hooks import SpecDecodeHooks
+from spec_metrics._core.hooks import SpecDecodeHooks
+from spec_metrics._support.drops import StrictModeError
 
 __all__ = ["SglangSpecAdapter", "STAGE_LEVELS", "STAGE_NAMES", "SET_FUNCS"]
 

@@ -27,8 +27,8 @@ import logging
 from importlib import metadata
 from typing import Any, Callable
 
-from ..drops import StrictModeError
-from ..hooks import SpecDecodeHooks
+from spec_metrics._core.hooks import SpecDecodeHooks
+from spec_metrics._support.drops import StrictModeError
 
 __all__ = ["GenerationInstrumentation", "instrument", "method_of", "TESTED_VERSIONS"]
 

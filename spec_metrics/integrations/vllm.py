@@ -27,10 +27,10 @@ import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from ..catalog import VLLM_COMPAT_METRICS
-from ..collector import SpecDecodeCollector
-from ..drops import DropCounter, InputRejected, StrictModeError
-from ..inputs import AcceptSummary
+from spec_metrics._core.inputs import AcceptSummary
+from spec_metrics._prometheus.collector import SpecDecodeCollector
+from spec_metrics._support.drops import DropCounter, InputRejected, StrictModeError
+from spec_metrics.catalog import VLLM_COMPAT_METRICS
 
 __all__ = ["SpecMetricsStatLogger", "VllmCompatCollector", "summary_from_stats"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from spec_metrics.rules import RuleParams, build_rules, write_rules
+from spec_metrics.ops.rules import RuleParams, build_rules, write_rules
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def _finite(result: dict[str, Any]) -> list[float]:
 def _panel_failures(prom: Any, at: float) -> tuple[list[str], int]:
     """Every dashboard panel query, variables substituted, run as an instant query at `at`;
     returns the ones that gave no finite value (with why) and how many ran."""
-    from spec_metrics import dashboards
+    from spec_metrics.ops import dashboards
 
     queries = dashboards.panel_queries(dashboards.build_dashboard())
     failures = []
@@ -247,7 +247,7 @@ def _check_snapshot(prometheus_url: str, out: Path, trace_ids: set[str],
     """Issue 4 item 6: `spec-metrics snapshot` against the same real Prometheus."""
     import re
 
-    from spec_metrics.dashboards import build_dashboard
+    from spec_metrics.ops.dashboards import build_dashboard
 
     result = subprocess.run(
         [sys.executable, "-m", "spec_metrics", "snapshot", "--prometheus", prometheus_url,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from spec_metrics import start_http_server
-from spec_metrics.auth import BasicAuth, hash_password
+from spec_metrics.http.auth import BasicAuth, hash_password
 from tests.certs import make_pki
 from tests.conftest import run_step
 

@@ -23,8 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spec_metrics import SpecDecodeHooks, StrictModeError
+from spec_metrics._tracing.sink import SPAN_NAMES
 from spec_metrics.integrations.sglang import STAGE_LEVELS, SglangSpecAdapter
-from spec_metrics.tracing import SPAN_NAMES
 
 from ..conftest import sample_value, scrape
 

@@ -1,0 +1,360 @@
+"""Aggregated metric state and the prometheus_client custom collector that exposes it.
+
+Hooks hand each finished step to `consume()`: a few list increments for the latency
+histograms and one numpy add per histogram of the batch. `collect()` renders families from
+a snapshot taken under a short lock; exposition and content negotiation (OpenMetrics with
+exemplars, or classic text) stay prometheus_client's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from itertools import accumulate
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+
+import numpy as np
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from spec_metrics._core.inputs import AcceptSummary
+from spec_metrics._prometheus.exemplars import ShownExemplars
+from spec_metrics._prometheus.series import MethodSeries, Snapshot, peek_all
+from spec_metrics._prometheus.textformat import (
+    SeriesText,
+    family_header,
+    label_text,
+    render_snapshot,
+)
+from spec_metrics._support.drops import DropCounter, Tally
+from spec_metrics._support.forking import reset_after_fork
+from spec_metrics._tracing.step_exemplars import StepExemplars
+from spec_metrics.catalog import (
+    ACCEPTED_LENGTH,
+    COUNTERS_WITH_EXEMPLARS,
+    DEFAULT_MAX_DRAFT_TOKENS,
+    DEFAULT_STAGE_BUCKETS,
+    DEFAULT_STEP_BUCKETS,
+    DROPPED,
+    EXEMPLARS_WITHHELD,
+    LABEL_VALUES_FOLDED,
+    METRICS,
+    OTHER_LABEL_VALUE,
+    PER_POSITION_COUNTERS,
+    REASON_COUNTERS,
+    SKIP_REASONS,
+    STAGE_DURATION,
+    STAGES,
+    STEP_DURATION,
+    TRACED_STEPS_SKIPPED,
+    WITHHELD_REASONS,
+    MetricSpec,
+)
+
+if TYPE_CHECKING:
+    from spec_metrics._support.config import HooksConfig
+
+__all__ = ["Snapshot", "SpecDecodeCollector"]
+
+
+class SpecDecodeCollector(Collector):
+    """Holds the aggregated metrics of one engine; register it once in a registry.
+
+    Several `SpecDecodeHooks` (one per engine loop, thread or method) may share one
+    collector; its constant labels and bucket layouts are fixed here.
+    """
+
+    def __init__(
+        self,
+        labels: Mapping[str, str] | None = None,
+        *,
+        max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+        stage_buckets: Sequence[float] = DEFAULT_STAGE_BUCKETS,
+        step_buckets: Sequence[float] = DEFAULT_STEP_BUCKETS,
+        drops: DropCounter | None = None,
+        exemplar_hold_seconds: float = 60.0,
+        max_methods: int = 32,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.const_labels = dict(labels or {})
+        self.max_draft_tokens = max_draft_tokens
+        self.max_methods = max_methods
+        self.folded = 0  # steps recorded under method="other" (cardinality cap)
+        self.stage_buckets = tuple(stage_buckets)
+        self.step_buckets = tuple(step_buckets)
+        self.drops = drops or DropCounter()
+        # What the trace sinks decided not to do: selected steps not traced, exemplars of
+        # steps whose spans were lost.
+        self.skipped = Tally(SKIP_REASONS)
+        self.withheld = Tally(WITHHELD_REASONS)
+        self._series: dict[str, MethodSeries] = {}
+        self._lock = threading.Lock()
+        self._hold = exemplar_hold_seconds
+        self._label_names = tuple(self.const_labels)
+        self._label_values = tuple(self.const_labels.values())
+        self._deferred: deque = deque()  # steps that found the lock held (see consume)
+        # Text prefixes per method, family headers per format (True: OpenMetrics).
+        self._texts: dict[str, SeriesText] = {}
+        self._reason_prefixes: dict[tuple[MetricSpec, str], str] = {}
+        self._folded_prefix: str | None = None
+        self._headers = {om: {spec: family_header(self._family(spec), om) for spec in METRICS}
+                         for om in (True, False)}
+        if registry is not None:
+            registry.register(self)
+        reset_after_fork(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: start from zero, with a new lock (a scrape thread of the
+        parent may have held the old one; it does not exist here). Stays registered."""
+        self._lock = threading.Lock()
+        self._series = {}
+        self.folded = 0
+        self._deferred = deque()
+        self._texts = {}
+        self._reason_prefixes = {}
+        self.drops._reset_after_fork()
+        self.skipped._reset_after_fork()
+        self.withheld._reset_after_fork()
+
+    def check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
+        """Another hooks object shares this collector: refuse settings it would ignore
+        (labels and buckets are the collector's; `explicit` names the options passed)."""
+        mismatches = []
+        if "max_methods" in explicit and config.max_methods != self.max_methods:
+            mismatches.append(f"max_methods={config.max_methods} "
+                              f"(collector: {self.max_methods})")
+        if self.max_draft_tokens != config.max_draft_tokens:
+            mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
+                              f"(collector: {self.max_draft_tokens})")
+        if "labels" in explicit and dict(config.labels) != self.const_labels:
+            mismatches.append(f"labels={dict(config.labels)} (collector: {self.const_labels})")
+        for name in ("stage_buckets", "step_buckets"):
+            if name in explicit and getattr(config, name) != getattr(self, name):
+                mismatches.append(f"{name}={getattr(config, name)} "
+                                  f"(collector: {getattr(self, name)})")
+        if mismatches:
+            raise ValueError("spec_metrics: a shared collector keeps its own settings; these "
+                             "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
+                             "give this engine its own collector and registry.")
+
+    def series_for(self, method: str) -> MethodSeries:
+        series = self._series.get(method)
+        if series is None:
+            with self._lock:
+                series = self._series_locked(method)
+        return series
+
+    def _series_locked(self, method: str) -> MethodSeries:
+        series = self._series.get(method)
+        if series is None:
+            if len(self._series) >= self.max_methods and method != OTHER_LABEL_VALUE:
+                # Cardinality cap: one more method would be one more set of ~130 series.
+                self.folded += 1
+                return self._series_locked(OTHER_LABEL_VALUE)
+            series = self._series[method] = MethodSeries(
+                self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
+        return series
+
+    def consume(
+        self,
+        method: str,
+        stage_seconds: Sequence[float | None],
+        step_seconds: float | None,
+        summary: AcceptSummary | None,
+        exemplars: StepExemplars | None,
+    ) -> None:
+        """Add one finished step. Called by the hooks, once per step; never waits.
+
+        If a scrape (or another engine thread) holds the lock, the step is queued and the
+        next holder applies it before anything else, so a scraper that the GIL pre-empted
+        mid-snapshot cannot stall the engine, and no step is lost or reordered."""
+        step = (method, stage_seconds, step_seconds, summary, exemplars)
+        if not self._lock.acquire(blocking=False):
+            self._deferred.append(step)  # deque.append is atomic
+            return
+        try:
+            if self._deferred:
+                self._apply_deferred()
+            self._apply(*step)
+        finally:
+            self._lock.release()
+
+    def _apply_deferred(self) -> None:
+        popleft = self._deferred.popleft
+        while True:
+            try:
+                step = popleft()
+            except IndexError:
+                return
+            self._apply(*step)
+
+    def _apply(
+        self,
+        method: str,
+        stage_seconds: Sequence[float | None],
+        step_seconds: float | None,
+        summary: AcceptSummary | None,
+        exemplars: StepExemplars | None,
+    ) -> None:
+        # Caller holds self._lock.
+        series = self._series.get(method) or self._series_locked(method)
+        now = time.monotonic() if exemplars is not None else 0.0
+        for stage_index, seconds in enumerate(stage_seconds):
+            if seconds is None:
+                continue
+            histogram = series.stages[stage_index]
+            bucket = histogram.observe(seconds)
+            if exemplars is not None:
+                span_id = exemplars.stage_span_ids[stage_index]
+                if span_id is not None:
+                    histogram.exemplars.offer(bucket, exemplars.exemplar(span_id, seconds),
+                                              exemplars.priority, now, exemplars.ticket)
+        if step_seconds is not None:
+            bucket = series.step.observe(step_seconds)
+            if exemplars is not None:
+                series.step.exemplars.offer(
+                    bucket, exemplars.exemplar(exemplars.step_span_id, step_seconds),
+                    exemplars.priority, now, exemplars.ticket,
+                )
+        if summary is not None:
+            series.accepted_hist += summary.accepted_hist
+            series.draft_hist += summary.draft_hist
+            if exemplars is not None:
+                self._offer_accept_exemplars(series, summary, exemplars, now)
+
+    @staticmethod
+    def _offer_accept_exemplars(series: MethodSeries, summary: AcceptSummary,
+                                exemplars: StepExemplars, now: float) -> None:
+        verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
+        for length in np.flatnonzero(summary.accepted_hist).tolist():
+            series.accepted_exemplars.offer(
+                length, exemplars.exemplar(verify_span, float(length)), exemplars.priority, now,
+                exemplars.ticket,
+            )
+        increments = (summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted)
+        for index, value in enumerate(increments):
+            series.counter_exemplars.offer(
+                index, exemplars.exemplar(verify_span, float(value)), exemplars.priority, now,
+                exemplars.ticket,
+            )
+
+    # ---- exposition ------------------------------------------------------------------
+
+    def describe(self) -> list[Metric]:
+        # Lets the registry detect name clashes at register() time without collecting.
+        return [self._family(spec) for spec in METRICS]
+
+    def _family(self, spec: MetricSpec) -> Metric:
+        labels = [*spec.labels, *self._label_names]
+        if spec.type == "histogram":
+            return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+        return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+
+    def snapshot(self, shown: list) -> Snapshot:
+        """Copy everything a scrape renders, under the lock (deferred steps first); the
+        exemplars read are appended to `shown` as (slots, index, exemplar)."""
+        with self._lock:
+            if self._deferred:
+                self._apply_deferred()
+            raw = [
+                (
+                    method,
+                    [(list(h.counts), h.sum, peek_all(h.exemplars, shown))
+                     for h in (*series.stages, series.step)],
+                    series.accepted_hist.copy(),
+                    series.draft_hist.copy(),
+                    peek_all(series.accepted_exemplars, shown),
+                    peek_all(series.counter_exemplars, shown),
+                )
+                for method, series in self._series.items()
+            ]
+            reasons = {DROPPED: dict(self.drops.counts),
+                       TRACED_STEPS_SKIPPED: dict(self.skipped.counts),
+                       EXEMPLARS_WITHHELD: dict(self.withheld.counts)}
+            folded = self.folded
+        series_data = []
+        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
+            summary = AcceptSummary(accepted_hist, draft_hist)
+            totals = ((summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
+                      summary.per_position(draft_hist), summary.per_position(accepted_hist))
+            series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
+                                counter_ex, totals))
+        return Snapshot(series_data, reasons, folded)
+
+    def collect(self) -> Iterator[Metric]:
+        """Metric families, as the Collector contract says. Read by prometheus_client's
+        writers (or any code): nothing is marked shown; the hold time bounds how long these
+        exemplars block lower-priority ones. spec_metrics' own /metrics apps write this
+        collector with `_render_text` instead (same bytes, faster)."""
+        families = {spec: self._family(spec) for spec in METRICS}
+        const = self._label_values
+        snapshot = self.snapshot([])
+        stage_les, step_les, length_les, positions = self._layout()
+        for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
+                snapshot.series):
+            for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
+                families[STAGE_DURATION].add_metric([method, stage, *const],
+                                                    _buckets(stage_les, counts, ex), total)
+            counts, total, ex = latency[-1]
+            families[STEP_DURATION].add_metric(
+                [method, *const], _buckets(step_les, counts, ex), total)
+            length_counts = [*accepted_hist.tolist(), 0]
+            families[ACCEPTED_LENGTH].add_metric(
+                [method, *const], _buckets(length_les, length_counts, length_ex),
+                float(sum(i * n for i, n in enumerate(length_counts))))
+            for spec, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
+                families[spec].add_metric([method, *const], float(value), exemplar=exemplar)
+            for spec, values in zip(PER_POSITION_COUNTERS, totals[1:]):
+                for position, value in zip(positions, values):
+                    families[spec].add_metric([method, position, *const], float(value))
+        families[LABEL_VALUES_FOLDED].add_metric(["method", *const], float(snapshot.folded))
+        for spec in REASON_COUNTERS:
+            for reason, value in snapshot.reasons[spec].items():
+                families[spec].add_metric([reason, *const], float(value))
+        yield from families.values()
+
+    def _render_text(self, openmetrics: bool) -> tuple[str, ShownExemplars]:
+        """The fast writer: this collector's families as prometheus_client would write them
+        (OpenMetrics 1.0 or classic text, legacy name escaping), from cached per-series
+        prefixes, and the exemplars the text carries, to be marked shown once the response
+        was sent. exposition.py calls it for the collectors in the registry it serves."""
+        shown: list = []
+        snapshot = self.snapshot(shown)
+        texts = self._texts
+        for method, *_ in snapshot.series:
+            if method not in texts:
+                texts[method] = SeriesText(method, self.const_labels, *self._layout())
+        prefixes = self._reason_prefixes
+        for spec, counts in snapshot.reasons.items():
+            for reason in counts:
+                if (spec, reason) not in prefixes:
+                    labels = label_text({"reason": reason, **self.const_labels})
+                    prefixes[(spec, reason)] = f"{spec.name}{labels} "
+        if self._folded_prefix is None:
+            labels = label_text({"label": "method", **self.const_labels})
+            self._folded_prefix = f"{LABEL_VALUES_FOLDED.name}{labels} "
+        out: list[str] = []
+        render_snapshot(snapshot, texts, self._headers[openmetrics], prefixes,
+                        self._folded_prefix, openmetrics, out)
+        return "".join(out), ShownExemplars(self._lock, shown if openmetrics else [])
+
+    def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:
+        stage_les = [floatToGoString(b) for b in self.stage_buckets] + ["+Inf"]
+        step_les = [floatToGoString(b) for b in self.step_buckets] + ["+Inf"]
+        k = self.max_draft_tokens
+        length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
+        return stage_les, step_les, length_les, [str(p) for p in range(k)]
+
+
+def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:
+    """prometheus_client's bucket tuples: (le, cumulative count[, exemplar])."""
+    out: list[tuple] = []
+    for le, cumulative, exemplar in zip(les, accumulate(counts), exemplars):
+        if exemplar is None:
+            out.append((le, float(cumulative)))
+        else:
+            out.append((le, float(cumulative), exemplar))
+    return out

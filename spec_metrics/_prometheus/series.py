@@ -1,0 +1,70 @@
+"""What a collector aggregates for one `method`, and the copy a scrape renders from.
+
+Latency histograms keep plain Python ints (fastest for one value per step); the accepted and
+draft-length histograms are numpy arrays (one vectorized add per verify pass). Every bucket
+and counter has an exemplar slot (exemplars.py).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import NamedTuple
+
+import numpy as np
+from prometheus_client.samples import Exemplar
+
+from spec_metrics._prometheus.exemplars import ExemplarSlots
+from spec_metrics.catalog import COUNTERS_WITH_EXEMPLARS, STAGES, MetricSpec
+
+__all__ = ["MethodSeries", "Snapshot", "peek_all"]
+
+
+class Snapshot(NamedTuple):
+    # per method: (method, latency [(counts, sum, exemplars)] per stage then step,
+    #  accepted_hist, draft_hist, length exemplars, counter exemplars,
+    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
+    series: list[tuple]
+    # catalog.REASON_COUNTERS' values: dropped input, steps selected for tracing and not
+    # traced, traced steps whose exemplars were withheld; each by reason.
+    reasons: dict[MetricSpec, dict[str, int]]
+    folded: int  # steps recorded under method="other"
+
+
+class LatencyHistogram:
+    """Bucket counts of one latency series, as plain Python ints (fastest for one value)."""
+
+    __slots__ = ("bounds", "counts", "sum", "exemplars")
+
+    def __init__(self, bounds: tuple[float, ...], hold: float) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last slot: above the highest bound (+Inf)
+        self.sum = 0.0
+        self.exemplars = ExemplarSlots(len(bounds) + 1, hold)
+
+    def observe(self, value: float) -> int:
+        index = bisect_left(self.bounds, value)  # first bound >= value: the "le" bucket
+        self.counts[index] += 1
+        self.sum += value
+        return index
+
+
+class MethodSeries:
+    """Everything aggregated for one method."""
+
+    __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
+                 "counter_exemplars")
+
+    def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
+                 max_k: int, hold: float) -> None:
+        self.stages = [LatencyHistogram(stage_bounds, hold) for _ in STAGES]
+        self.step = LatencyHistogram(step_bounds, hold)
+        self.accepted_hist = np.zeros(max_k + 1, dtype=np.int64)
+        self.draft_hist = np.zeros(max_k + 1, dtype=np.int64)
+        self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
+        self.counter_exemplars = ExemplarSlots(len(COUNTERS_WITH_EXEMPLARS), hold)
+
+
+def peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:
+    exemplars = [slots.peek(i) for i in range(len(slots))]
+    shown.extend((slots, i, e) for i, e in enumerate(exemplars) if e is not None)
+    return exemplars

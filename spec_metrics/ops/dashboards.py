@@ -1,0 +1,370 @@
+"""The Grafana dashboard, generated from the metric catalog with grafana-foundation-sdk.
+
+Every metric name comes from `spec_metrics.catalog`; every query filters by the `method`
+variable (where the metric has that label) and by one variable per constant label. The
+committed `dashboards/spec_metrics.json` is `render_dashboard_json()`; a test keeps them equal.
+
+The SDK (`grafana-foundation-sdk==0.0.21`, Python >= 3.11) is imported only to build the
+dashboard: `panel_queries` and `substitute_variables` work on the JSON without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from spec_metrics import catalog
+from spec_metrics.catalog import RESERVED_LABELS, STAGES
+
+__all__ = [
+    "DASHBOARD_UID", "DASHBOARD_FILE", "DEFAULT_CONST_LABELS", "build_dashboard",
+    "render_dashboard_json", "write_dashboards", "panel_queries", "substitute_variables",
+]
+
+DASHBOARD_UID = "spec-metrics-decode"
+DASHBOARD_TITLE = "Speculative decoding (spec_metrics)"
+DASHBOARD_FILE = "spec_metrics.json"
+DEFAULT_CONST_LABELS: tuple[str, ...] = ("model", "engine")
+DS_VAR = "datasource"
+DS_UID = "${" + DS_VAR + "}"
+RATE = "$__rate_interval"
+QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
+
+STAGE_HIST = catalog.STAGE_DURATION
+STEP_HIST = catalog.STEP_DURATION
+ACC_LEN_HIST = catalog.ACCEPTED_LENGTH
+DRAFTS = catalog.DRAFTS
+DRAFT_TOKENS = catalog.DRAFT_TOKENS
+ACCEPTED_TOKENS = catalog.ACCEPTED_TOKENS
+EMITTED_TOKENS = catalog.EMITTED_TOKENS
+DRAFT_POS = catalog.DRAFT_TOKENS_PER_POSITION
+ACCEPTED_POS = catalog.ACCEPTED_TOKENS_PER_POSITION
+DROPPED = catalog.DROPPED
+FOLDED = catalog.LABEL_VALUES_FOLDED
+SKIPPED = catalog.TRACED_STEPS_SKIPPED
+WITHHELD = catalog.EXEMPLARS_WITHHELD
+
+
+@functools.cache
+def _sdk() -> SimpleNamespace:
+    """grafana-foundation-sdk's modules, imported on first use (it needs Python >= 3.11)."""
+    with warnings.catch_warnings():  # the SDK warns at import: "prefer dashboardv2"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from grafana_foundation_sdk.builders import bargauge, heatmap, prometheus, stat, timeseries
+        from grafana_foundation_sdk.builders import common as cb
+        from grafana_foundation_sdk.builders import dashboard as db
+        from grafana_foundation_sdk.cog.encoder import JSONEncoder
+        from grafana_foundation_sdk.models import common as cm
+        from grafana_foundation_sdk.models import dashboard as dm
+        from grafana_foundation_sdk.models import heatmap as hm
+        from grafana_foundation_sdk.models import prometheus as pm
+    return SimpleNamespace(
+        bargauge=bargauge, heatmap=heatmap, prometheus=prometheus, stat=stat,
+        timeseries=timeseries, cb=cb, db=db, JSONEncoder=JSONEncoder, cm=cm, dm=dm, hm=hm, pm=pm,
+    )
+
+
+def _ds() -> Any:
+    return _sdk().cm.DataSourceRef(type_val="prometheus", uid=DS_UID)
+
+
+class _Queries:
+    """PromQL builders bound to the dashboard's variables."""
+
+    def __init__(self, const_labels: Sequence[str]) -> None:
+        self.const_labels = tuple(const_labels)
+
+    def sel(self, name: str, suffix: str = "", **fixed: str) -> str:
+        """`name+suffix{...}` filtered by every variable that applies to the metric."""
+        spec = catalog.by_name(name)
+        labels = [lb for lb in ("method",) if lb in spec.labels]
+        if spec.const_labels:
+            labels += list(self.const_labels)
+        matchers = [f'{lb}=~"${lb}"' for lb in labels]
+        matchers += [f'{k}="{v}"' for k, v in sorted(fixed.items())]
+        return f"{name}{suffix}{{{', '.join(matchers)}}}"
+
+    def rate(self, name: str, by: str, suffix: str = "", fn: str = "rate",
+             window: str = RATE, **fixed: str) -> str:
+        agg = f"sum by ({by})" if by else "sum"
+        return f"{agg} ({fn}({self.sel(name, suffix, **fixed)}[{window}]))"
+
+    def ratio(self, num: str, den: str, by: str) -> str:
+        """num/den per `by`; windows with no denominator traffic give no point, not NaN."""
+        return f"{self.rate(num, by)} / ({self.rate(den, by)} > 0)"
+
+    def quantile(self, q: float, name: str, by: str, **fixed: str) -> str:
+        return f"histogram_quantile({q}, {self.rate(name, f'{by}, le', '_bucket', **fixed)})"
+
+
+def _target(expr: str, ref_id: str, legend: str, *, exemplar: bool = False,
+            fmt: str | None = None, instant: bool = False) -> Any:
+    g = _sdk()
+    t = (g.prometheus.Dataquery().expr(expr).ref_id(ref_id).legend_format(legend)
+         .datasource(_ds()))
+    t = t.instant() if instant else t.range()
+    if exemplar:
+        t = t.exemplar(True)
+    if fmt is not None:
+        t = t.format(g.pm.PromQueryFormat(fmt))
+    return t
+
+
+def _timeseries(title: str, desc: str, unit: str, targets: list[Any], *, w: int = 12,
+                stack: bool = False, max_val: float | None = None) -> Any:
+    g = _sdk()
+    p = (g.timeseries.Panel().title(title).description(desc).unit(unit).span(w).height(8)
+         .datasource(_ds())
+         .targets(targets).min(0).fill_opacity(10 if not stack else 60)
+         .legend(g.cb.VizLegendOptions().display_mode(g.cm.LegendDisplayMode.TABLE)
+                 .placement(g.cm.LegendPlacement.BOTTOM).show_legend(True)
+                 .calcs(["mean", "max", "lastNotNull"]))
+         .tooltip(g.cb.VizTooltipOptions().mode(g.cm.TooltipDisplayMode.MULTI)
+                  .sort(g.cm.SortOrder.DESCENDING)))
+    if stack:
+        p = p.stacking(g.cb.StackingConfig().mode(g.cm.StackingMode.NORMAL))
+    if max_val is not None:
+        p = p.max(max_val)
+    return p
+
+
+def _heatmap(title: str, desc: str, target: Any) -> Any:
+    g = _sdk()
+    return (g.heatmap.Panel().title(title).description(desc).span(8).height(8)
+            .datasource(_ds())
+            .with_target(target).calculate(False)
+            .rows_frame(g.heatmap.RowsHeatmapOptions().layout(g.cm.HeatmapCellLayout.LE))
+            .y_axis(g.heatmap.YAxisConfig().unit("s"))
+            .color(g.heatmap.HeatmapColorOptions().mode(g.hm.HeatmapColorMode.SCHEME)
+                   .scheme("Spectral").scale(g.hm.HeatmapColorScale.EXPONENTIAL)
+                   .exponent(0.5).fill("dark-orange").reverse(False))
+            .cell_values(g.heatmap.CellValues().unit("short"))
+            .show_legend().exemplars_color("rgba(255,0,255,0.7)"))
+
+
+def _stat(title: str, unit: str, target: Any, decimals: int) -> Any:
+    g = _sdk()
+    return (g.stat.Panel().title(title).unit(unit).decimals(decimals).span(6).height(4)
+            .datasource(_ds())
+            .with_target(target)
+            .reduce_options(g.cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+
+
+def _variables(const_labels: Sequence[str]) -> list[Any]:
+    g = _sdk()
+    out: list[Any] = [g.db.DatasourceVariable(DS_VAR).label("Data source").type("prometheus")]
+    source = STEP_HIST.name + "_count"
+    previous: list[str] = []
+    for name in (*const_labels, "method"):
+        filt = ", ".join(f'{p}=~"${p}"' for p in previous)
+        query = f"label_values({source}{{{filt}}}, {name})" if filt else \
+            f"label_values({source}, {name})"
+        out.append(
+            g.db.QueryVariable(name).label(name)
+            .datasource(_ds())
+            .query(query).definition(query)
+            .multi(True).include_all(True).all_value(".*")
+            .current(g.dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
+            .refresh(g.dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(g.dm.VariableSort.ALPHABETICAL_ASC)
+        )
+        previous.append(name)
+    return out
+
+
+def build_dashboard(const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> dict[str, Any]:
+    """The dashboard as Grafana JSON (a dict), for the given constant label names."""
+    for label in const_labels:
+        if not re.fullmatch(r"[a-zA-Z_]\w*", label) or label in RESERVED_LABELS \
+                or label == DS_VAR or label.startswith("__"):
+            raise ValueError(f"{label!r} cannot be a constant label / dashboard variable")
+    return _build(tuple(const_labels))
+
+
+def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
+    g = _sdk()
+    q = _Queries(const_labels)
+    st, step = STAGE_HIST.name, STEP_HIST.name
+    rows: list[tuple[str, list[Any]]] = []
+
+    acc_rate = q.ratio(ACCEPTED_TOKENS.name, DRAFT_TOKENS.name, "method")
+    mean_len = "1 + " + q.ratio(ACCEPTED_TOKENS.name, DRAFTS.name, "method")
+    emitted = q.rate(EMITTED_TOKENS.name, "method")
+    step_p99 = q.quantile(0.99, step, "method")
+
+    def now(expr: str) -> Any:
+        return _target(expr, "A", "{{method}}", instant=True)
+
+    rows.append(("Overview", [
+        _stat("Current acceptance rate", "percentunit", now(acc_rate), 3),
+        _stat("Current mean accepted length", "short", now(mean_len), 2),
+        _stat("Current emitted tokens/s", "tokens/s", now(emitted), 0),
+        _stat("Current step p99", "s", now(step_p99), 4),
+    ]))
+
+    def quantiles(name: str, **fixed: str) -> list[Any]:
+        return [_target(q.quantile(x, name, "method", **fixed), chr(ord("A") + i),
+                        f"{{{{method}}}} p{round(x * 100)}", exemplar=True)
+                for i, x in enumerate(QUANTILES)]
+
+    latency = [
+        _timeseries(f"{stage} latency p50/p95/p99",
+                    f"Quantiles of `{st}` for stage `{stage}` (whole batch, per decode step). "
+                    "Exemplar points link to the step's trace.", "s",
+                    quantiles(st, stage=stage), w=8)
+        for stage in STAGES
+    ]
+    heat = [
+        _heatmap(f"{stage} latency heatmap",
+                 f"Per-bucket count of `{st}` for stage `{stage}` (classic histogram buckets).",
+                 _target(q.rate(st, "le", "_bucket", fn="increase", stage=stage), "A", "{{le}}",
+                         exemplar=True, fmt="heatmap"))
+        for stage in STAGES
+    ]
+    rows.append(("Latency", [*latency, *heat]))
+
+    share = (f"{q.rate(st, 'stage', '_sum')} / on() group_left() "
+             f"({q.rate(step, '', '_sum')} > 0)")
+    rows.append(("Step", [
+        _timeseries("Step duration p50/p95/p99",
+                    f"Quantiles of `{step}`: first stage start to last stage end.", "s",
+                    quantiles(step)),
+        _timeseries("Stage share of step time (draft overhead)",
+                    "Time spent in each stage as a fraction of step time; draft + draft_extend "
+                    "is the drafting overhead, the rest of the step outside stages is not shown.",
+                    "percentunit", [_target(share, "A", "{{stage}}")], stack=True),
+    ]))
+
+    k_per_draft = q.ratio(DRAFT_TOKENS.name, DRAFTS.name, "method")
+    per_pos = q.ratio(ACCEPTED_POS.name, DRAFT_POS.name, "method, position")
+    dist = q.rate(ACC_LEN_HIST.name, "le", "_bucket", fn="increase", window="$__range")
+    rows.append(("Acceptance", [
+        _timeseries("Acceptance rate", "Accepted draft tokens / proposed draft tokens.",
+                    "percentunit", [_target(acc_rate, "A", "{{method}}")], w=8, max_val=1),
+        _timeseries("Mean accepted length",
+                    "1 + accepted draft tokens per draft (the bonus token included), and the "
+                    "mean number of draft tokens per draft (K).", "short",
+                    [_target(mean_len, "A", "{{method}} accepted length"),
+                     _target(k_per_draft, "B", "{{method}} draft tokens per draft")], w=8),
+        _accepted_length_panel(_target(dist, "A", "{{le}}", fmt="heatmap", instant=True)),
+        _timeseries("Acceptance by draft position",
+                    "Accepted / proposed draft tokens at each draft position (0 = first). Late "
+                    "positions decay first.", "percentunit",
+                    [_target(per_pos, "A", "{{method}} position {{position}}")], w=24,
+                    max_val=1),
+    ]))
+
+    steps = q.rate(STEP_HIST.name, "method", "_count")
+    rows.append(("Throughput and input", [
+        _timeseries("Emitted tokens/s", "Tokens emitted by verify passes, and accepted draft "
+                    "tokens.", "tokens/s",
+                    [_target(emitted, "A", "{{method}} emitted"),
+                     _target(q.rate(ACCEPTED_TOKENS.name, "method"), "B",
+                             "{{method}} accepted draft")], w=6),
+        _timeseries("Drafts/s", "Draft sequences verified per second, and decode steps per "
+                    "second.", "short",
+                    [_target(q.rate(DRAFTS.name, "method"), "A", "{{method}} drafts/s"),
+                     _target(steps, "B", "{{method}} steps/s")], w=6),
+        _timeseries("Dropped observations by reason",
+                    f"`{DROPPED.name}`: hook inputs rejected instead of recorded; "
+                    f"`{FOLDED.name}`: steps recorded under method=\"other\" because "
+                    "max_methods was reached.", "short",
+                    [_target(q.rate(DROPPED.name, "reason"), "A", "{{reason}}"),
+                     _target(q.rate(FOLDED.name, "label"), "B", "folded {{label}}")], w=6),
+        _timeseries("Tracing: skipped steps, withheld exemplars",
+                    f"`{SKIPPED.name}`: steps selected for tracing (slow, outlier, sampled "
+                    "request, ratio) whose spans were not made, e.g. rate_limited over "
+                    f"max_traced_steps_per_second; `{WITHHELD.name}`: traced steps whose "
+                    "exemplars were withheld because their spans were lost before export. "
+                    "Either above zero means some spikes have no trace to click through to.",
+                    "short",
+                    [_target(q.rate(SKIPPED.name, "reason"), "A", "skipped {{reason}}"),
+                     _target(q.rate(WITHHELD.name, "reason"), "B", "withheld {{reason}}")],
+                    w=6),
+    ]))
+
+    dash = (g.db.Dashboard(DASHBOARD_TITLE).uid(DASHBOARD_UID)
+            .description("Speculative decoding: stage latency with exemplars, acceptance, "
+                         "throughput. Generated by spec_metrics.ops.dashboards; do not edit.")
+            .tags(["spec_metrics", "speculative-decoding", "llm-inference"])
+            .refresh("30s").time("now-30m", "now").timezone("browser")
+            .tooltip(g.dm.DashboardCursorSync.CROSSHAIR).editable()
+            .variables(_variables(const_labels)))
+    panel_id = 0
+    for title, panels in rows:
+        panel_id += 1
+        dash = dash.with_row(g.db.Row(title).id(panel_id))
+        for panel in panels:
+            panel_id += 1
+            dash = dash.with_panel(panel.id(panel_id))
+    return json.loads(json.dumps(dash.build(), cls=g.JSONEncoder))
+
+
+def _accepted_length_panel(target: Any) -> Any:
+    g = _sdk()
+    return (g.bargauge.Panel().title("Accepted-length distribution")
+            .description(f"`{ACC_LEN_HIST.name}` over the dashboard range: how many draft tokens "
+                         "each request accepted per verify pass (le = at most).")
+            .unit("short").span(8).height(8)
+            .datasource(_ds())
+            .with_target(target).orientation(g.cm.VizOrientation.VERTICAL)
+            .display_mode(g.cm.BarGaugeDisplayMode.GRADIENT)
+            .reduce_options(g.cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+
+
+def render_dashboard_json(const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> str:
+    """Deterministic JSON text of the dashboard (sorted keys, trailing newline)."""
+    return json.dumps(build_dashboard(const_labels), indent=2, sort_keys=True) + "\n"
+
+
+def write_dashboards(out_dir: str | Path,
+                     const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> list[Path]:
+    """Write the dashboard JSON into out_dir; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / DASHBOARD_FILE
+    path.write_text(render_dashboard_json(const_labels), encoding="utf-8")
+    return [path]
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels") or [])  # collapsed rows nest their panels
+
+
+def panel_queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every Prometheus query in the dashboard, in order."""
+    return [
+        (panel.get("title", ""), target.get("refId", ""), target["expr"])
+        for panel in _panels(list(dashboard.get("panels") or []))
+        for target in panel.get("targets") or []
+        if "expr" in target
+    ]
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+
+
+def substitute_variables(expr: str, values: Mapping[str, str] | None = None,
+                         rate_interval: str = "1m", range_window: str = "5m") -> str:
+    """Replace Grafana variables so that Prometheus can run `expr` directly.
+
+    `$__rate_interval` and `$__interval` become `rate_interval`, `$__range` `range_window`;
+    any other `$name` / `${name}` becomes `values[name]`, or `.*` (every value) when absent.
+    """
+    values = dict(values or {})
+    builtins = {"__rate_interval": rate_interval, "__interval": rate_interval,
+                "__range": range_window}
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        return builtins.get(name, values.get(name, ".*"))
+
+    return _VAR.sub(repl, expr)
