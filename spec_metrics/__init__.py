@@ -2,6 +2,11 @@
 
 One set of stage hooks (draft, verify, draft_extend) feeds Prometheus histograms and
 counters, OpenTelemetry spans of the steps, and exemplars that link the two.
+
+The public API is this module (the hook API, serving /metrics, span export), the metric
+catalog (`spec_metrics.catalog`), the per-rank helpers (`spec_metrics.multiprocess`), the
+engine integrations (`spec_metrics.integrations.*`) and the `spec-metrics` CLI. Everything in
+an underscored subpackage is internal; ARCHITECTURE.md maps it.
 """
 
 from spec_metrics._core.hooks import SpecDecodeHooks
@@ -9,38 +14,31 @@ from spec_metrics._core.sinks import StepResult
 from spec_metrics._prometheus.collector import SpecDecodeCollector
 from spec_metrics._support.config import HooksConfig
 from spec_metrics._support.drops import StrictModeError
-from spec_metrics.catalog import METRICS, STAGES, MetricSpec
-from spec_metrics.http.server import MetricsServer, make_asgi_app, make_wsgi_app, start_http_server
-from spec_metrics.multiprocess import (
-    RankInfo,
-    rank_from_env,
-    rank_labels,
-    rank_resource,
-    scrape_config,
-    start_rank_http_server,
+from spec_metrics._version import __version__
+from spec_metrics.http.auth import BasicAuth
+from spec_metrics.http.server import (
+    MetricsServer,
+    make_asgi_app,
+    make_tls_context,
+    make_wsgi_app,
+    start_http_server,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    # the hook API
     "SpecDecodeHooks",
-    "SpecDecodeCollector",
-    "StepResult",
     "HooksConfig",
+    "StepResult",
     "StrictModeError",
-    "MetricSpec",
-    "METRICS",
-    "STAGES",
-    "MetricsServer",
+    "SpecDecodeCollector",
+    # serving /metrics
     "start_http_server",
+    "MetricsServer",
     "make_wsgi_app",
     "make_asgi_app",
-    "RankInfo",
-    "rank_from_env",
-    "rank_labels",
-    "rank_resource",
-    "start_rank_http_server",
-    "scrape_config",
+    "make_tls_context",
+    "BasicAuth",
+    # span export
     "SpanExportProcessor",
     "__version__",
 ]

@@ -190,7 +190,11 @@ def render_scrape_config(ranks: int, base_port: int = DEFAULT_PORT,
     """Text for the user: "static" gives a `scrape_configs:` YAML block for prometheus.yml;
     "file_sd" gives the JSON of a file_sd targets file."""
     if fmt == "static":
-        import yaml  # only here: `import spec_metrics` stays light
+        try:
+            import yaml  # only here: `import spec_metrics` stays light
+        except ImportError as exc:
+            raise ImportError("a static scrape config is YAML: pip install "
+                              "'spec_metrics[ops]' (pyyaml), or use fmt='file_sd'") from exc
 
         body = {"scrape_configs": [scrape_config(ranks, base_port, hosts, job_name=job_name)]}
         return yaml.safe_dump(body, sort_keys=False, default_flow_style=False)

@@ -134,7 +134,7 @@ def test_internal_error_is_contained_and_counted(make_hooks, registry, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(hooks.collector, "consume", broken)
+    monkeypatch.setattr(hooks.collector, "_consume", broken)
     with caplog.at_level(logging.ERROR, logger="spec_metrics"):
         run_step(hooks, None, [1], 1)  # must not raise
     monkeypatch.undo()

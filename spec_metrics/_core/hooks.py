@@ -98,7 +98,7 @@ class SpecDecodeHooks:
         else:
             self._registered_in = None
             explicit = set(options) | ({"labels"} if labels else set())
-            collector.check_shared(config, explicit)
+            collector._check_shared(config, explicit)
         self.collector = collector
         self._drops = collector.drops
         self._tracer = (

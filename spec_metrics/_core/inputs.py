@@ -8,13 +8,13 @@ never imported; a tensor is recognised by duck typing, so `import spec_metrics` 
 from __future__ import annotations
 
 import sys
-from operator import mul
 from typing import Any
 
 import numpy as np
 
 from spec_metrics._support.drops import InputRejected
 from spec_metrics._support.forking import keep_forever
+from spec_metrics._support.summary import AcceptSummary
 
 __all__ = ["DeviceArray", "PinnedPool", "to_counts", "to_draft_tokens", "summarize",
            "AcceptSummary"]
@@ -276,39 +276,6 @@ def _check_array(array: np.ndarray, what: str) -> np.ndarray:
     if array.dtype != np.int64:
         array = array.astype(np.int64)
     return array
-
-
-class AcceptSummary:
-    """One verify pass, reduced to histograms over draft length and accepted length."""
-
-    __slots__ = ("accepted_hist", "draft_hist", "requests", "accepted", "draft_tokens", "drafts")
-
-    def __init__(self, accepted_hist: np.ndarray, draft_hist: np.ndarray) -> None:
-        # accepted_hist[i]: requests that accepted exactly i tokens;
-        # draft_hist[k]: requests that were given exactly k draft tokens.
-        self.accepted_hist = accepted_hist
-        self.draft_hist = draft_hist
-        # Python ints on K+1 values beat numpy's per-call overhead here.
-        accepted, drafted = accepted_hist.tolist(), draft_hist.tolist()
-        self.requests = sum(drafted)
-        self.accepted = sum(map(mul, accepted, range(len(accepted))))
-        self.draft_tokens = sum(map(mul, drafted, range(len(drafted))))
-        self.drafts = self.requests - drafted[0]
-
-    @property
-    def emitted(self) -> int:
-        return self.accepted + self.requests
-
-    @staticmethod
-    def per_position(hist: np.ndarray) -> list[int]:
-        """Per position p (0..K-1), the requests whose value exceeds p: sum(hist[p+1:])."""
-        out: list[int] = []
-        running = 0
-        for count in reversed(hist.tolist()[1:]):
-            running += count
-            out.append(running)
-        out.reverse()
-        return out
 
 
 def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int) -> AcceptSummary:

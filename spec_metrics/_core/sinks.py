@@ -68,7 +68,7 @@ class StepSinks:
             if reason is not None:
                 exemplars = self._tracer.emit(record, reason, record.method, summary)
         if self._collector is not None:
-            self._collector.consume(record.method, stage_seconds, step_seconds, summary,
+            self._collector._consume(record.method, stage_seconds, step_seconds, summary,
                                     exemplars)
         if self._on_step is not None:
             self._notify(record, stage_seconds, step_seconds, summary, exemplars, reason)

@@ -20,7 +20,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from spec_metrics._core.inputs import AcceptSummary
 from spec_metrics._prometheus.exemplars import ShownExemplars
 from spec_metrics._prometheus.series import MethodSeries, Snapshot, peek_all
 from spec_metrics._prometheus.textformat import (
@@ -31,6 +30,7 @@ from spec_metrics._prometheus.textformat import (
 )
 from spec_metrics._support.drops import DropCounter, Tally
 from spec_metrics._support.forking import reset_after_fork
+from spec_metrics._support.summary import AcceptSummary
 from spec_metrics._tracing.step_exemplars import StepExemplars
 from spec_metrics.catalog import (
     ACCEPTED_LENGTH,
@@ -64,7 +64,12 @@ class SpecDecodeCollector(Collector):
     """Holds the aggregated metrics of one engine; register it once in a registry.
 
     Several `SpecDecodeHooks` (one per engine loop, thread or method) may share one
-    collector; its constant labels and bucket layouts are fixed here.
+    collector; its constant labels and bucket layouts are fixed here. Its public surface is
+    prometheus_client's Collector (`collect`, `describe`) and, read-only: `const_labels`,
+    `max_draft_tokens`, `max_methods`, `stage_buckets`, `step_buckets`, and the counters
+    /metrics shows by reason: `drops` (rejected input), `skipped` (steps selected for
+    tracing, not traced), `withheld` (traced steps whose exemplars were withheld), each
+    with a `.counts` dict. Everything else is internal.
     """
 
     def __init__(
@@ -119,7 +124,7 @@ class SpecDecodeCollector(Collector):
         self.skipped._reset_after_fork()
         self.withheld._reset_after_fork()
 
-    def check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
+    def _check_shared(self, config: "HooksConfig", explicit: set[str]) -> None:
         """Another hooks object shares this collector: refuse settings it would ignore
         (labels and buckets are the collector's; `explicit` names the options passed)."""
         mismatches = []
@@ -140,13 +145,6 @@ class SpecDecodeCollector(Collector):
                              "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
                              "give this engine its own collector and registry.")
 
-    def series_for(self, method: str) -> MethodSeries:
-        series = self._series.get(method)
-        if series is None:
-            with self._lock:
-                series = self._series_locked(method)
-        return series
-
     def _series_locked(self, method: str) -> MethodSeries:
         series = self._series.get(method)
         if series is None:
@@ -158,7 +156,7 @@ class SpecDecodeCollector(Collector):
                 self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
         return series
 
-    def consume(
+    def _consume(
         self,
         method: str,
         stage_seconds: Sequence[float | None],
@@ -253,7 +251,7 @@ class SpecDecodeCollector(Collector):
             return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
         return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
 
-    def snapshot(self, shown: list) -> Snapshot:
+    def _snapshot(self, shown: list) -> Snapshot:
         """Copy everything a scrape renders, under the lock (deferred steps first); the
         exemplars read are appended to `shown` as (slots, index, exemplar)."""
         with self._lock:
@@ -291,7 +289,7 @@ class SpecDecodeCollector(Collector):
         collector with `_render_text` instead (same bytes, faster)."""
         families = {spec: self._family(spec) for spec in METRICS}
         const = self._label_values
-        snapshot = self.snapshot([])
+        snapshot = self._snapshot([])
         stage_les, step_les, length_les, positions = self._layout()
         for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
                 snapshot.series):
@@ -322,7 +320,7 @@ class SpecDecodeCollector(Collector):
         prefixes, and the exemplars the text carries, to be marked shown once the response
         was sent. exposition.py calls it for the collectors in the registry it serves."""
         shown: list = []
-        snapshot = self.snapshot(shown)
+        snapshot = self._snapshot(shown)
         texts = self._texts
         for method, *_ in snapshot.series:
             if method not in texts:

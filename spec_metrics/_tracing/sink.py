@@ -29,8 +29,8 @@ from spec_metrics._tracing.traceparent import parse_traceparent
 from spec_metrics.catalog import SKIP_REASONS, STAGES, WITHHELD_REASONS
 
 if TYPE_CHECKING:
-    from spec_metrics._core.inputs import AcceptSummary
     from spec_metrics._core.record import StepRecord
+    from spec_metrics._support.summary import AcceptSummary
 
 __all__ = ["TraceSink", "SPAN_NAMES", "INSTRUMENTATION_NAME"]
 
@@ -54,7 +54,7 @@ class TraceSink:
                  tracer_provider: trace.TracerProvider | None = None,
                  skipped: Tally | None = None, withheld: Tally | None = None) -> None:
         self._strict = config.strict
-        from spec_metrics import __version__
+        from spec_metrics._version import __version__
 
         self._provider = tracer_provider
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__,

@@ -71,7 +71,10 @@ def make_wsgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
                   basic_auth: BasicAuth | str | os.PathLike[str] | None = None) -> Callable:
     """A WSGI app serving `metrics_path` and `/healthz`. Mounted under a prefix that is
     itself the metrics URL (e.g. at "/metrics"), pass metrics_path="/". With `basic_auth`
-    (a `BasicAuth` or the path of a user:secret file), /metrics answers 401 to others."""
+    (a `BasicAuth` or the path of a user:secret file), /metrics answers 401 to others.
+
+    Unlike prometheus_client's `make_wsgi_app` it routes (404 outside /metrics and
+    /healthz), takes basic auth, and marks the exemplars a response carried as shown."""
     metrics_path = metrics_path.rstrip("/") or "/"
     auth = _as_auth(basic_auth)
 
@@ -99,7 +102,8 @@ def make_wsgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/
 
 def make_asgi_app(registry: CollectorRegistry = REGISTRY, metrics_path: str = "/metrics",
                   basic_auth: BasicAuth | str | os.PathLike[str] | None = None) -> Callable:
-    """The ASGI counterpart of `make_wsgi_app`."""
+    """The ASGI counterpart of `make_wsgi_app` (same differences from prometheus_client's
+    `make_asgi_app`: routing, basic auth, exemplars marked shown per response)."""
     metrics_path = metrics_path.rstrip("/") or "/"
     auth = _as_auth(basic_auth)
 
@@ -236,6 +240,12 @@ def start_http_server(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                       environ: Mapping[str, str] | None = None) -> MetricsServer:
     """Serve /metrics and /healthz on host:port (127.0.0.1:9464 unless told otherwise;
     port 0 picks a free port, see `.port`).
+
+    Not prometheus_client's `start_http_server`, although it serves the same registry:
+    this one binds 127.0.0.1 (prometheus_client binds every interface), defaults to port
+    9464, returns a `MetricsServer` to `close()` (not a (server, thread) pair), answers only
+    /metrics and /healthz, bounds connections with deadlines, and writes spec_metrics'
+    collectors with its fast writer.
 
     TLS: `certfile` (+ `keyfile`), `client_cafile` to require client certificates, or a
     ready `ssl_context`. `basic_auth`: a `BasicAuth` or a user:secret file. Options not

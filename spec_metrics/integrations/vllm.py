@@ -27,9 +27,9 @@ import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from spec_metrics._core.inputs import AcceptSummary
 from spec_metrics._prometheus.collector import SpecDecodeCollector
 from spec_metrics._support.drops import DropCounter, InputRejected, StrictModeError
+from spec_metrics._support.summary import AcceptSummary
 from spec_metrics.catalog import VLLM_COMPAT_METRICS
 
 __all__ = ["SpecMetricsStatLogger", "VllmCompatCollector", "summary_from_stats"]
@@ -285,7 +285,7 @@ class SpecMetricsStatLogger(_Base):  # type: ignore[misc,valid-type]
                 return
             if ragged:
                 self.ragged_steps += 1
-            self.collector.consume(self.method, (None, None, None), None, summary, None)
+            self.collector._consume(self.method, (None, None, None), None, summary, None)
             compat = self._sink.compat
             if compat is not None:
                 compat.observe(self.engine, stats)

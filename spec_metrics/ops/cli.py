@@ -97,7 +97,7 @@ def _scrape_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spec_metrics import __version__
+    from spec_metrics._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="spec-metrics",

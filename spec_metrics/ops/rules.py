@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spec_metrics import catalog
 from spec_metrics.catalog import DEFAULT_MAX_DRAFT_TOKENS, STAGES
+
+try:
+    import yaml
+except ImportError as exc:  # an ops tool: pyyaml comes with the extra
+    raise ImportError("spec_metrics.ops.rules writes YAML: pip install 'spec_metrics[ops]' "
+                      "(pyyaml)") from exc
 
 __all__ = ["RuleParams", "ALERTS", "build_rules", "render_rules", "write_rules", "RULES_FILE"]
 

@@ -53,6 +53,7 @@ def worker_main(argv: list[str]) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     import spec_metrics
+    from spec_metrics import multiprocess
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-port", type=int, required=True)
@@ -60,16 +61,16 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="directory for rank-N.json")
     args = parser.parse_args(argv)
 
-    info = spec_metrics.rank_from_env()
-    provider = TracerProvider(resource=spec_metrics.rank_resource(info))
+    info = multiprocess.rank_from_env()
+    provider = TracerProvider(resource=multiprocess.rank_resource(info))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=args.otlp)))
     trace_ids: list[str | None] = []
     hooks = spec_metrics.SpecDecodeHooks(
-        "draft_model", labels=spec_metrics.rank_labels({"model": "tiny", "engine": "mp"}, info),
+        "draft_model", labels=multiprocess.rank_labels({"model": "tiny", "engine": "mp"}, info),
         tracer_provider=provider, trace_ratio=1.0, outlier_quantile=None, strict=True,
         max_draft_tokens=K, max_traced_steps_per_second=1000.0,
         on_step=lambda result: trace_ids.append(result.trace_id))
-    server = spec_metrics.start_rank_http_server(info, base_port=args.base_port)
+    server = multiprocess.start_rank_http_server(info, base_port=args.base_port)
 
     rng = np.random.default_rng(1000 + info.rank)
     totals: Counter[str] = Counter()
