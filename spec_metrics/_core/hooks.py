@@ -227,6 +227,8 @@ class SpecDecodeHooks:
         if not self._end(_VERIFY, "verify_end") or accepted is None:
             return
         record = self._record
+        if record is None:  # _end() succeeded, so a step is open; for the type checker
+            return
         counts = None
         try:
             if draft_tokens is None:

@@ -18,7 +18,7 @@ __all__ = ["StepSinks", "StepResult"]
 class StepResult(NamedTuple):
     """What one finished step recorded, as handed to an `on_step` listener."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the step's number; shadows tuple.index
     method: str
     stage_seconds: list[float | None]  # indexed like STAGES; None where a stage was skipped
     step_seconds: float | None
@@ -55,11 +55,12 @@ class StepSinks:
             except InputRejected as rejected:
                 self._reject("verify_end", rejected.reason,
                              f"(step {record.index}, {where}) {rejected.message}")
-        if record.gpu_starts is not None and self._gpu is not None:
+        if (record.gpu_starts is not None and record.gpu_ends is not None
+                and self._gpu is not None):
             # Device time replaces enqueue time, on the CPU clock's scale (see cuda_timing).
             record.starts, record.ends = gpu_times_ns(record.gpu_starts, record.gpu_ends,
-                                                      record.starts)  # type: ignore[arg-type]
-            self._gpu.release([*record.gpu_starts, *record.gpu_ends])  # type: ignore[misc]
+                                                      record.starts)
+            self._gpu.release([*record.gpu_starts, *record.gpu_ends])
             record.gpu_starts = record.gpu_ends = None
         stage_seconds, step_seconds = record.durations()
         exemplars = reason = None

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from itertools import accumulate
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -287,7 +287,8 @@ class SpecDecodeCollector(Collector):
         writers (or any code): nothing is marked shown; the hold time bounds how long these
         exemplars block lower-priority ones. spec_metrics' own /metrics apps write this
         collector with `_render_text` instead (same bytes, faster)."""
-        families = {spec: self._family(spec) for spec in METRICS}
+        # Histogram and counter families: their add_metric signatures differ.
+        families: dict[MetricSpec, Any] = {spec: self._family(spec) for spec in METRICS}
         const = self._label_values
         snapshot = self._snapshot([])
         stage_les, step_les, length_les, positions = self._layout()

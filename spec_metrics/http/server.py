@@ -178,8 +178,9 @@ class MetricsServer:
             "ssl_context": ssl_context, "timeout_s": float(timeout),
             "max_connections": int(max_connections)})
         auth = _as_auth(basic_auth)
-        self._server = make_server(host, port, make_wsgi_app(registry, basic_auth=auth),
-                                   server_class=server_class, handler_class=QuietHandler)
+        app = make_wsgi_app(registry, basic_auth=auth)
+        self._server: ThreadingServer = make_server(host, port, app, server_class=server_class,
+                                                    handler_class=QuietHandler)
         self.host = host
         self.port = int(self._server.server_address[1])
         self.tls = ssl_context is not None
@@ -252,18 +253,20 @@ def start_http_server(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
     passed are read from `SPEC_METRICS_TLS_CERT`, `..._TLS_KEY`, `..._TLS_CLIENT_CA`,
     `SPEC_METRICS_BASIC_AUTH_FILE` (see SERVER_ENV_VARS)."""
     environ = os.environ if environ is None else environ
-    passed = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
-              "basic_auth": basic_auth}
-    options = {name: value if value is not None else (environ.get(SERVER_ENV_VARS[name]) or None)
-               for name, value in passed.items()}
-    if ssl_context is not None and (options["certfile"] or options["client_cafile"]):
+
+    def pick(name: str, value: Any) -> Any:
+        return value if value is not None else (environ.get(SERVER_ENV_VARS[name]) or None)
+
+    certfile, keyfile = pick("certfile", certfile), pick("keyfile", keyfile)
+    client_cafile, basic_auth = pick("client_cafile", client_cafile), pick("basic_auth",
+                                                                           basic_auth)
+    if ssl_context is not None and (certfile or client_cafile):
         raise ValueError("pass either ssl_context or certfile/keyfile/client_cafile, not both")
-    if options["certfile"] is None and (options["keyfile"] or options["client_cafile"]):
+    if certfile is None and (keyfile or client_cafile):
         raise ValueError("keyfile/client_cafile given without certfile: TLS needs the "
                          "server certificate (certfile=... or SPEC_METRICS_TLS_CERT)")
-    if options["certfile"] is not None:
-        ssl_context = make_tls_context(options["certfile"], options["keyfile"],
-                                       options["client_cafile"])
+    if certfile is not None:
+        ssl_context = make_tls_context(certfile, keyfile, client_cafile)
     return MetricsServer(host, port, registry, ssl_context=ssl_context,
-                         basic_auth=options["basic_auth"], timeout=timeout,
+                         basic_auth=basic_auth, timeout=timeout,
                          max_connections=max_connections)

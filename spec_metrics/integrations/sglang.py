@@ -97,10 +97,10 @@ class SglangSpecAdapter:
         self._step_open = False
         if not self._on:
             # Decided once: the calls become plain functions that do nothing of ours.
-            self.set_time_batch = forward if forward is not None else _noop_set_time_batch
-            self.verify_end_batch = _noop_verify_end_batch
-            self.set_spec_verify_end_time_batch = _noop_set_spec_verify_end_time_batch
-            self.end_step = _noop
+            self.set_time_batch = forward if forward is not None else _noop_set_time_batch  # type: ignore[method-assign]
+            self.verify_end_batch = _noop_verify_end_batch  # type: ignore[method-assign]
+            self.set_spec_verify_end_time_batch = _noop_set_spec_verify_end_time_batch  # type: ignore[method-assign]
+            self.end_step = _noop  # type: ignore[method-assign]
 
     @property
     def enabled(self) -> bool:
