@@ -134,7 +134,7 @@ def run(seconds: float) -> dict[str, Any]:
     finally:
         receiver.close()
     rows.append(phase("down", seconds, hooks, processor, pool))
-    hanging = HangingCollector(port)
+    hanging = HangingCollector(port).hang()
     try:
         rows.append(phase("stuck", seconds, hooks, processor, pool))
     finally:

@@ -130,7 +130,7 @@ class TimedLock:
 def install_timed_lock(collector: Any) -> TimedLock:
     lock = TimedLock()
     collector._lock = lock
-    collector._render_log._lock = lock  # mark_shown() takes the same lock
+    # Marking exemplars shown takes the same lock (ShownExemplars reads it at render).
     return lock
 
 

@@ -29,10 +29,10 @@ class HangingCollector:
     answers (a stuck collector). Holding the port all along, no other process can take it
     between the phases."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
+        self._server.bind(("127.0.0.1", port))
         self.port = self._server.getsockname()[1]
         self._held: list[socket.socket] = []
         self._stop = threading.Event()
