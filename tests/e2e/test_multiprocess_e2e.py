@@ -50,7 +50,6 @@ def worker_main(argv: list[str]) -> None:
     import numpy as np
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     import spec_metrics
     from spec_metrics import multiprocess
@@ -63,7 +62,8 @@ def worker_main(argv: list[str]) -> None:
 
     info = multiprocess.rank_from_env()
     provider = TracerProvider(resource=multiprocess.rank_resource(info))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=args.otlp)))
+    provider.add_span_processor(spec_metrics.SpanExportProcessor(
+        OTLPSpanExporter(endpoint=args.otlp), schedule_delay_millis=200))
     trace_ids: list[str | None] = []
     hooks = spec_metrics.SpecDecodeHooks(
         "draft_model", labels=multiprocess.rank_labels({"model": "tiny", "engine": "mp"}, info),
