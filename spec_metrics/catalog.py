@@ -223,8 +223,9 @@ REASON_COUNTERS: dict[MetricSpec, tuple[str, ...]] = {
 # Label value that steps of methods beyond `max_methods` are recorded under.
 OTHER_LABEL_VALUE = "other"
 
-# Spans of spec_metrics' own export pipeline (spans.py), one set per process: they carry no
-# constant labels and no `method`, since the export queue is shared by every hooks object.
+# Spans of spec_metrics' own export pipeline (_tracing/processor.py), one set per registry:
+# they carry no constant labels and no `method`, since the export queue is shared by every
+# hooks object.
 SPAN_DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "export_timeout",
                                       "shutdown")
 SPANS_EXPORTED = MetricSpec("spec_metrics_spans_exported_total", "counter",

@@ -25,8 +25,9 @@ class StepResult(NamedTuple):
     requests: int  # requests verified (0 if the counts were dropped or absent)
     draft_tokens: int
     accepted_tokens: int
-    trace_id: str | None  # hex trace id when the step's spans were exported
-    sample_reason: str | None  # why it was traced: "outlier", "request", "ratio"
+    trace_id: str | None  # hex trace id when the SDK sampled the step's spans (their export
+    # is reported later: see spec_metrics_exemplars_withheld_total)
+    sample_reason: str | None  # why it was traced: "slow", "outlier", "request", "ratio"
 
 
 class StepSinks:

@@ -1,9 +1,10 @@
 """Aggregated metric state and the prometheus_client custom collector that exposes it.
 
-Hooks hand each finished step to `consume()`: a few list increments for the latency
-histograms and one numpy add per histogram of the batch. `collect()` renders families from
-a snapshot taken under a short lock; exposition and content negotiation (OpenMetrics with
-exemplars, or classic text) stay prometheus_client's.
+The sinks hand each finished step to `_consume()`: a few list increments for the latency
+histograms and one numpy add per histogram of the batch. `collect()` yields ordinary metric
+families from a snapshot taken under a short lock (the Collector contract); spec_metrics'
+own /metrics apps write the same snapshot with `_render_text`, the fast writer of
+textformat.py (same bytes). Content negotiation stays prometheus_client's.
 """
 
 from __future__ import annotations

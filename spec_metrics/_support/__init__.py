@@ -1,4 +1,5 @@
 """What every layer shares: the hooks' configuration (config.py), rejected-input and
-decision counters (drops.py), the package logger (log.py) and the fork reset (forking.py).
+decision counters (drops.py), one verify pass reduced to histograms (summary.py), the package
+logger (log.py) and the fork reset (forking.py).
 Imports nothing of the package but the catalog. Internal: import from `spec_metrics`.
 """

@@ -5,5 +5,6 @@ sampled request contexts, a ratio, a priority token bucket) and builds their spa
 recorded timestamps; step_exemplars.py says where a traced step's spans are, for exemplars;
 span_fate.py follows whether those spans were exported; processor.py is the public
 `SpanExportProcessor`, which reports that fate and counts every span on /metrics. Imports
-the catalog and `_support`, never the metrics side. Internal: import from `spec_metrics`.
+the catalog, `_support` and `_version`, never the metrics side. Internal: import from
+`spec_metrics`.
 """
