@@ -7,10 +7,11 @@ so only the acceptance metrics are fed (no stage or step histograms, no spans, n
 
 With prefix acceptance, accepted_per_pos[p] is the number of drafts whose accepted length
 exceeds p, so the accepted-length histogram and every counter are exact. The split of draft
-tokens over positions is only known when every draft had K tokens
-(num_draft_tokens == num_drafts * K); in a ragged step (n-gram drafts shorter than K, draft
-tokens rejected by a grammar) `spec_decode_draft_tokens_per_position_total` is laid out
-front-first (see `_ragged_draft_hist`), and `ragged_steps` counts such steps.
+tokens over positions is exact too when the stats carry `num_draft_tokens_per_pos` (vLLM
+0.32 and later) or every draft had K tokens (num_draft_tokens == num_drafts * K). Only with
+older vLLM, in a ragged step (n-gram drafts shorter than K, draft tokens rejected by a
+grammar), is `spec_decode_draft_tokens_per_position_total` estimated: laid out front-first
+(see `_ragged_draft_hist`); `ragged_steps` counts such steps.
 
 vLLM is not imported at module load; when it is importable, `SpecMetricsStatLogger`
 subclasses its `StatLoggerBase` (needed for the `vllm.stat_logger_plugins` entry point).
@@ -79,6 +80,11 @@ def summary_from_stats(stats: Any, max_k: int) -> tuple[AcceptSummary, bool]:
     at_least[0] = drafts
     at_least[1:k + 1] = per_pos
     accepted_hist = at_least[:size] - at_least[1:]  # exactly L = (>= L) - (>= L+1)
+    draft_per_pos = getattr(stats, "num_draft_tokens_per_pos", None)
+    if draft_per_pos is not None:  # vLLM 0.32+: the exact draft tokens per position
+        return AcceptSummary(accepted_hist, _exact_draft_hist(
+            np.asarray(draft_per_pos, dtype=np.int64), per_pos, drafts, tokens, k, size,
+            stats)), False
     ragged = tokens != drafts * k
     if ragged:
         draft_hist = _ragged_draft_hist(per_pos, drafts, tokens, k, size)
@@ -88,9 +94,30 @@ def summary_from_stats(stats: Any, max_k: int) -> tuple[AcceptSummary, bool]:
     return AcceptSummary(accepted_hist, draft_hist), ragged
 
 
+def _exact_draft_hist(draft_per_pos: np.ndarray, per_pos: np.ndarray, drafts: int,
+                      tokens: int, k: int, size: int, stats: Any) -> np.ndarray:
+    """Draft lengths from the draft tokens per position: a draft of L tokens fills
+    positions 0..L-1, so the drafts of exactly L tokens are d[L-1] - d[L]."""
+    if draft_per_pos.shape != (k,):
+        raise InputRejected("wrong_shape", f"num_draft_tokens_per_pos has shape "
+                            f"{draft_per_pos.shape}, expected ({k},) for num_spec_tokens={k}")
+    if (draft_per_pos[0] != drafts or int(draft_per_pos.sum()) != tokens
+            or (np.diff(draft_per_pos) > 0).any() or (draft_per_pos < per_pos).any()):
+        raise InputRejected("accepted_exceeds_drafted", "num_draft_tokens_per_pos must start "
+                            "at num_drafts, be non-increasing, sum to num_draft_tokens and "
+                            "hold at least the accepted tokens of each position: "
+                            f"{_describe(stats)}, num_draft_tokens_per_pos="
+                            f"{draft_per_pos.tolist()}")
+    draft_hist = np.zeros(size, dtype=np.int64)
+    draft_hist[1:k] = draft_per_pos[:-1] - draft_per_pos[1:]
+    draft_hist[k] = draft_per_pos[-1]
+    return draft_hist
+
+
 def _ragged_draft_hist(per_pos: np.ndarray, drafts: int, tokens: int, k: int,
                        size: int) -> np.ndarray:
-    """Draft lengths for a step whose drafts had fewer than K tokens, unknown which.
+    """Draft lengths for a step whose drafts had fewer than K tokens, unknown which (vLLM
+    before 0.32, whose stats lack num_draft_tokens_per_pos): an estimate.
 
     Every draft has at least one token and at least as many as it accepted: position p holds
     at least per_pos[p] drafts (p >= 1) and position 0 all of them. The remaining tokens

@@ -47,6 +47,13 @@ class SpecDecodingStatsStandIn:
 
 
 @dataclass
+class SpecDecodingStatsStandIn032(SpecDecodingStatsStandIn):
+    """vLLM 0.32's SpecDecodingStats also has the draft tokens per position."""
+
+    num_draft_tokens_per_pos: list[int] = field(default_factory=list)
+
+
+@dataclass
 class SchedulerStatsStandIn:
     """Stand-in for vllm.v1.metrics.stats.SchedulerStats (the field the logger reads)."""
 
@@ -174,6 +181,27 @@ def test_ragged_drafts_counters_exact_positions_laid_out_front_first(registry):
                              position=str(p), **LABELS) for p in range(4)]
     assert laid_out == [4, 4, 1, 1]
     assert sum(laid_out) == 10
+
+
+def test_ragged_drafts_exact_with_draft_tokens_per_position(registry):
+    # vLLM 0.32 reports the draft tokens of each position: no estimate, the truth.
+    logger = SpecMetricsStatLogger(VllmConfigStandIn(), 0, registry=registry)
+    drafts = [(4, 4), (1, 0), (2, 1), (3, 0)]
+    old = stand_in_stats(4, drafts).spec_decoding_stats
+    stats = SpecDecodingStatsStandIn032(**vars(old), num_draft_tokens_per_pos=[4, 3, 2, 1])
+    logger.record(SchedulerStatsStandIn(stats), None)
+    assert logger.ragged_steps == 0  # nothing estimated
+    assert acceptance_samples(registry) == acceptance_samples(hooks_reference(4, [drafts]))
+    families = scrape(registry)
+    assert [sample_value(families, "spec_decode_draft_tokens_per_position",
+                         "spec_decode_draft_tokens_per_position_total",
+                         position=str(p), **LABELS) for p in range(4)] == [4, 3, 2, 1]
+    # Per-position draft tokens that contradict the other aggregates are refused.
+    bad = SpecDecodingStatsStandIn032(**vars(old), num_draft_tokens_per_pos=[4, 3, 1, 1])
+    logger.record(SchedulerStatsStandIn(bad), None)  # sums to 9, not 10
+    assert sample_value(scrape(registry), "spec_metrics_dropped", "spec_metrics_dropped_total",
+                        reason="accepted_exceeds_drafted", **{k: v for k, v in LABELS.items()
+                                                               if k != "method"}) == 1
 
 
 def test_vllm_names_exact(registry):
