@@ -74,6 +74,8 @@ DROP_REASONS: dict[str, str] = {
     "out_of_order": "a stage started after a later stage of the same step, without end_step()",
     "bad_traceparent": "a request trace context that is not a valid W3C traceparent",
     "pending_overflow": "too many steps waiting for device results; the oldest was dropped",
+    "duplicate_logger": "a second vLLM stat logger for the same engine (entry point and "
+                        "stat_loggers=[...] both): refused, so counts are not doubled",
     "internal_error": "an unexpected error inside spec_metrics (please report it)",
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -282,6 +283,19 @@ class SpecMetricsStatLogger(_Base):  # type: ignore[misc,valid-type]
                                   vllm_names, warn_interval_seconds)
         self.collector = self._sink.collector
         self._drops = self.collector.drops
+        self._vllm_config = vllm_config
+        # The entry point plugin and stat_loggers=[...] both make a logger for the same
+        # engine: the second would count every step again. It is refused: warned, counted,
+        # and its record() does nothing.
+        self.duplicate = _claim_engine(self, vllm_config, engine_index)
+        if self.duplicate:
+            self._drops.reject(
+                "vllm.SpecMetricsStatLogger", "duplicate_logger",
+                f"a SpecMetricsStatLogger already records engine {engine_index} of this vLLM "
+                "engine (is the vllm.stat_logger_plugins entry point installed and "
+                "stat_loggers=[...] passed too?); this one records nothing, so counts are not "
+                "doubled", strict)
+            return
         if self._sink.compat is not None and k:
             self._sink.compat.add_engine(self.engine, k)
 
@@ -299,7 +313,7 @@ class SpecMetricsStatLogger(_Base):  # type: ignore[misc,valid-type]
         """vLLM calls this once per engine-core output: counts a step's drafts, never
         raises (except StrictModeError with strict=True)."""
         stats = getattr(scheduler_stats, "spec_decoding_stats", None)
-        if stats is None:
+        if stats is None or self.duplicate:
             return
         try:
             if not stats.num_drafts:
@@ -319,7 +333,7 @@ class SpecMetricsStatLogger(_Base):  # type: ignore[misc,valid-type]
         except StrictModeError:
             raise
         except Exception:
-            self._drops.counts["internal_error"] += 1
+            self._drops.count("internal_error")
             logger.exception("spec_metrics.vllm.record: internal error, step dropped "
                              "(please report)")
 
@@ -335,11 +349,36 @@ class SpecMetricsStatLogger(_Base):  # type: ignore[misc,valid-type]
 
     def close(self) -> None:
         """Unregister the shared collectors (all engines' loggers of this registry)."""
+        _release_engine(self)
         with _SINKS_LOCK:
             for key, (_, sink) in list(_SINKS.items()):
                 if sink is self._sink:
                     del _SINKS[key]
         self._sink.close()
+
+
+# (id(vllm_config), engine_index) -> the logger recording that engine, while it lives.
+_ENGINES: "dict[tuple[int, int], weakref.ref[SpecMetricsStatLogger]]" = {}
+
+
+def _claim_engine(logger_: "SpecMetricsStatLogger", vllm_config: Any, engine_index: int
+                  ) -> bool:
+    """Register `logger_` as the one recording this engine; True if another already is."""
+    key = (id(vllm_config), int(engine_index))
+    with _SINKS_LOCK:
+        held = _ENGINES.get(key)
+        other = held() if held is not None else None
+        if other is not None and other._vllm_config is vllm_config and not other.duplicate:
+            return True
+        _ENGINES[key] = weakref.ref(logger_)
+        return False
+
+
+def _release_engine(logger_: "SpecMetricsStatLogger") -> None:
+    with _SINKS_LOCK:
+        for key, held in list(_ENGINES.items()):
+            if held() is logger_:
+                del _ENGINES[key]
 
 
 def _shared_sink(registry: CollectorRegistry | None, labels: dict[str, str], max_k: int,

@@ -391,3 +391,34 @@ def test_real_prometheus_stores_both_name_sets(tmp_path, registry):
             assert query('{__name__=~"vllm_.*"}') == {}  # nothing left under '_' names
         finally:
             stop_process(process)
+
+
+def test_a_second_logger_for_the_same_engine_is_refused(registry, caplog):
+    # The vllm.stat_logger_plugins entry point and stat_loggers=[...] both build a logger
+    # for each engine of one vLLM engine: the second is refused, so nothing counts twice.
+    config = VllmConfigStandIn()
+    first = SpecMetricsStatLogger(config, 0, registry=registry)
+    with caplog.at_level("WARNING", logger="spec_metrics"):
+        second = SpecMetricsStatLogger(config, 0, registry=registry)
+    assert not first.duplicate and second.duplicate
+    assert any("stat_loggers=[...]" in r.getMessage() for r in caplog.records)
+    other_engine = SpecMetricsStatLogger(config, 1, registry=registry)  # data parallel: fine
+    assert not other_engine.duplicate
+    for logger in (first, second, other_engine):
+        logger.record(stand_in_stats(4, [(4, 2)]), None)
+    families = scrape(registry)
+    assert sample_value(families, "spec_decode_drafts", "spec_decode_drafts_total",
+                        **LABELS) == 2  # engines 0 and 1, once each
+    assert sample_value(families, "spec_metrics_dropped", "spec_metrics_dropped_total",
+                        reason="duplicate_logger", model="tiny", engine="vllm") == 1
+    # Another vLLM engine (another config) in the same process records on its own.
+    assert not SpecMetricsStatLogger(VllmConfigStandIn(), 0, registry=registry).duplicate
+    first.close()
+
+
+def test_strict_mode_raises_on_a_second_logger(registry):
+    config = VllmConfigStandIn()
+    first = SpecMetricsStatLogger(config, 0, registry=registry, strict=True)  # kept alive
+    with pytest.raises(spec_metrics.StrictModeError, match="duplicate|already records"):
+        SpecMetricsStatLogger(config, 0, registry=registry, strict=True)
+    assert not first.duplicate
