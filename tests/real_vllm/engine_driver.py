@@ -2,14 +2,16 @@
 
 Run as a script (vLLM spawns its engine-core and worker processes, which re-import the main
 module): `python engine_driver.py SETTINGS.json OUT.json`. Settings: method, models dir,
-metrics port (SPEC_METRICS_PORT, set by the caller in the environment), prompts, max_tokens.
+metrics port (SPEC_METRICS_PORT, set by the caller in the environment), prompts, max_tokens,
+how many times to pass `SpecMetricsStatLogger` in `stat_loggers`.
 
 Written out: generated token ids per request; how many requests got tokens in iterations
 that verified drafts; vLLM's own truth, per request
 (`per_request_spec_decode_metrics="detailed"`: drafted and accepted per verify step) and its
 `vllm:spec_decode_*` counters (`get_metrics_snapshot`); per engine iteration, the
 SpecDecodingStats vLLM's scheduler handed to stat loggers; the worker's /metrics scraped
-while the engine is up (text and OpenMetrics) or the error connecting to it; wall time.
+while the engine is up (text and OpenMetrics) or the error connecting to it; this process's
+default registry (where the stat logger's series are); wall time.
 """
 
 from __future__ import annotations
@@ -94,8 +96,13 @@ def main() -> None:
                       enforce_eager=True, max_model_len=256, max_num_seqs=8, seed=0,
                       dtype="float32", disable_log_stats=False,
                       per_request_spec_decode_metrics="detailed")
+    loggers: list[Any] = [IterationLog]
+    if settings.get("stat_loggers"):
+        from spec_metrics.integrations.vllm import SpecMetricsStatLogger
+
+        loggers += [SpecMetricsStatLogger] * settings["stat_loggers"]
     started = time.monotonic()
-    engine = LLMEngine.from_engine_args(args, stat_loggers=[IterationLog])
+    engine = LLMEngine.from_engine_args(args, stat_loggers=loggers)
     result: dict[str, Any] = {"start_s": time.monotonic() - started}
     params = SamplingParams(max_tokens=settings["max_tokens"], temperature=0.0,
                             ignore_eos=True)
@@ -133,6 +140,11 @@ def main() -> None:
             elif isinstance(metric, Vector):
                 counters[metric.name] = list(metric.values)
     result["vllm_counters"] = counters
+    from prometheus_client import REGISTRY
+    from prometheus_client.exposition import generate_latest
+
+    # The stat logger's series live in this (the front-end) process's default registry.
+    result["frontend_metrics"] = generate_latest(REGISTRY).decode()
     port = settings["port"]
     try:
         if settings.get("wait_for_spans"):

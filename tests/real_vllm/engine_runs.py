@@ -38,10 +38,10 @@ def prompts(count: int = 4, seed: int = 0) -> list[str]:
 
 def run_engine(models: Path, tmp: Path, method: str, env: dict[str, str], port: int,
                *, max_tokens: int = 40, wait_for_spans: bool = False,
-               timeout: float = 300) -> dict[str, Any]:
+               stat_loggers: int = 0, timeout: float = 300) -> dict[str, Any]:
     settings = {"method": method, "models": str(models), "port": port,
                 "prompts": prompts(), "max_tokens": max_tokens,
-                "wait_for_spans": wait_for_spans}
+                "wait_for_spans": wait_for_spans, "stat_loggers": stat_loggers}
     settings_path = tmp / f"{method}-settings.json"
     out_path = tmp / f"{method}-{port}-out.json"
     settings_path.write_text(json.dumps(settings))
@@ -55,3 +55,16 @@ def run_engine(models: Path, tmp: Path, method: str, env: dict[str, str], port: 
     result = json.loads(out_path.read_text())
     result["log"] = done.stdout + done.stderr
     return result
+
+
+def install_stat_logger_entry_point(site: Path) -> Path:
+    """A distribution on `site` (put it on PYTHONPATH) declaring SpecMetricsStatLogger in
+    vLLM's `vllm.stat_logger_plugins` group, as the docs tell users to."""
+    info = site / "spec_metrics_vllm_logger-1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spec-metrics-vllm-logger\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm.stat_logger_plugins]\n"
+        "spec_metrics = spec_metrics.integrations.vllm:SpecMetricsStatLogger\n")
+    return site

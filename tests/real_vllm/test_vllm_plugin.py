@@ -58,8 +58,11 @@ def truth(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_counts(result: dict[str, Any], method: str) -> None:
-    text = result["metrics_openmetrics"]
+def check_counts(result: dict[str, Any], method: str, text: str | None = None) -> None:
+    """The acceptance series in `text` (default: the plugin's, from the worker) against
+    vLLM's truth."""
+    plugin = text is None
+    text = result["metrics_openmetrics"] if text is None else text
     labels = {"method": method, "engine": "vllm"}
     want = truth(result)
     assert want["drafts"] > 0
@@ -75,9 +78,10 @@ def check_counts(result: dict[str, Any], method: str) -> None:
     assert one(text, "spec_decode_draft_tokens_total", **labels) == want["draft_tokens"]
     assert one(text, "spec_decode_accepted_tokens_total", **labels) == want["accepted_tokens"]
     # One token from the target per request verified (with drafts or without), plus the
-    # accepted ones.
+    # accepted ones; vLLM's stats (the stat logger's source) know only requests with drafts.
+    verified = result["verified_rows"] if plugin else want["drafts"]
     assert one(text, "spec_decode_emitted_tokens_total", **labels) == \
-        want["accepted_tokens"] + result["verified_rows"]
+        want["accepted_tokens"] + verified
     positions = [str(p) for p in range(SIZE - 1)]
     draft_pos = by_label(text, "spec_decode_draft_tokens_per_position_total", "position",
                          **labels)
@@ -120,12 +124,15 @@ def check_stages(result: dict[str, Any], method: str) -> None:
 def ngram_runs(models, tmp_path_factory, receiver) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ngram")
     on_port, off_port = free_port(), free_port()
+    # The plugin on, and the stat logger given twice in stat_loggers=[...].
     traced = run_engine(models, tmp, "ngram", {
         "SPEC_METRICS_VLLM": "1", "SPEC_METRICS_PORT": str(on_port),
         "SPEC_METRICS_TRACE_RATIO": "1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }, on_port, wait_for_spans=True)
-    plain = run_engine(models, tmp, "ngram", {"SPEC_METRICS_PORT": str(off_port)}, off_port)
+    }, on_port, wait_for_spans=True, stat_loggers=2)
+    # The plugin installed but not enabled; the stat logger once.
+    plain = run_engine(models, tmp, "ngram", {"SPEC_METRICS_PORT": str(off_port)}, off_port,
+                       stat_loggers=1)
     return {"on": traced, "off": plain}
 
 
@@ -161,6 +168,45 @@ def test_ngram_spans_received_and_exemplars_resolve(ngram_runs, receiver):
                                   sample.exemplar.labels["span_id"]))
     assert exemplars, "no exemplar on the worker's /metrics"
     assert set(exemplars) <= seen
+
+
+def openmetrics(text: str) -> str:
+    """prometheus_client's text format, read back and written as OpenMetrics (the parser
+    of the tests reads OpenMetrics)."""
+    from prometheus_client.openmetrics.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    class Families:
+        def collect(self):
+            return [f for f in parse_text(text) if f.name.startswith(("spec_", "spec_metrics"))]
+
+    return generate_latest(Families()).decode()
+
+
+def test_stat_logger_counts_equal_vllms_truth(ngram_runs):
+    """The stat logger in the front-end process, fed by vLLM's scheduler stats: exact,
+    draft tokens per position included (num_draft_tokens_per_pos)."""
+    result = ngram_runs["off"]
+    check_counts(result, "ngram", openmetrics(result["frontend_metrics"]))
+
+
+def test_stat_logger_installed_twice_counts_once(ngram_runs):
+    """A second SpecMetricsStatLogger for the same engine (as when the entry point is
+    installed and stat_loggers=[...] passed to AsyncLLM) is refused and counted; nothing is
+    doubled. (The offline LLMEngine loads no stat-logger entry point: the server test
+    covers the entry point.)"""
+    result = ngram_runs["on"]
+    text = openmetrics(result["frontend_metrics"])
+    assert one(text, "spec_metrics_dropped_total", reason="duplicate_logger") == 1
+    assert "already records engine 0" in result["log"]
+    drops = one(text, "spec_metrics_dropped_total")
+    assert drops == 1
+    # check_counts wants no drop at all: compare the counters alone.
+    want = truth(result)
+    labels = {"method": "ngram", "engine": "vllm"}
+    assert one(text, "spec_decode_drafts_total", **labels) == want["drafts"]
+    assert one(text, "spec_decode_accepted_tokens_total", **labels) == want["accepted_tokens"]
+    assert one(text, "spec_decode_draft_tokens_total", **labels) == want["draft_tokens"]
 
 
 def test_not_enabled_changes_nothing_and_listens_nowhere(ngram_runs):
