@@ -193,8 +193,11 @@ class RunnerInstruments:
                                                      registry=self.registry)
             except (Exception, SystemExit) as exc:  # the exporter package is missing
                 logger.warning("spec_metrics: no spans from vLLM (%s)", exc)
-        # Other options come from SPEC_METRICS_* (SPEC_METRICS_TRACE_RATIO, ...).
-        options: dict[str, Any] = {} if self.provider is not None else {"tracing": False}
+        # Other options come from SPEC_METRICS_* (SPEC_METRICS_TRACE_RATIO, ...); strict mode
+        # is off whatever they say: it would raise into vLLM.
+        options: dict[str, Any] = {"strict": False}
+        if self.provider is None:
+            options["tracing"] = False
         self.hooks = SpecDecodeHooks(
             self.method, labels={"engine": "vllm", "model": _model_name(vllm_config)},
             registry=self.registry, tracer_provider=self.provider,
