@@ -202,7 +202,11 @@ class RunnerInstruments:
             self.method, labels={"engine": "vllm", "model": _model_name(vllm_config)},
             registry=self.registry, tracer_provider=self.provider,
             stage_order=("verify", "draft", "draft_extend"),
-            max_draft_tokens=min(64, max(8, k)), **options)
+            max_draft_tokens=min(64, max(8, k)),
+            # On a GPU the host returns before the device ran the work: CUDA events time
+            # the stages on the device, read later without synchronizing.
+            timer="cuda" if getattr(runner.device, "type", "cpu") == "cuda" else "cpu",
+            **options)
         host = environ.get(HOST_ENV) or "127.0.0.1"
         port = int(environ.get(PORT_ENV) or DEFAULT_PORT) + self.rank
         self.server = start_http_server(port=port, host=host, registry=self.registry,
