@@ -155,8 +155,13 @@ def make_tracer_provider(
             if not url.endswith("/v1/traces"):
                 url += "/v1/traces"
             exporter = OTLPSpanExporter(endpoint=url)
+        elif environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            # Given here rather than left to the exporter, which reads os.environ: `environ`
+            # may be another mapping. Its other OTEL_EXPORTER_OTLP_* settings still apply.
+            exporter = OTLPSpanExporter(endpoint=environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
         else:
-            exporter = OTLPSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
+            base = environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/")
+            exporter = OTLPSpanExporter(endpoint=base + "/v1/traces")
         # Ours: bounded queue, never blocks the engine, counts lost spans on /metrics.
         provider.add_span_processor(SpanExportProcessor(exporter, registry=registry))
     return provider
