@@ -142,6 +142,10 @@ def _instrument(runner: Any) -> None:
         instruments.wrap()
         with _lock:
             _instruments.append(instruments)
+    except OSError as exc:  # the /metrics port is taken (another vLLM on this host?)
+        logger.warning("spec_metrics: cannot serve /metrics (%s); this vLLM worker runs "
+                       "uninstrumented. Give each vLLM instance its own %s range (worker "
+                       "rank r listens on %s + r)", exc, PORT_ENV, PORT_ENV)
     except Exception:
         logger.exception("spec_metrics: could not instrument vLLM's model runner; it runs "
                          "uninstrumented (please report)")
@@ -211,8 +215,14 @@ class RunnerInstruments:
             **options)
         host = environ.get(HOST_ENV) or "127.0.0.1"
         port = int(environ.get(PORT_ENV) or DEFAULT_PORT) + self.rank
-        self.server = start_http_server(port=port, host=host, registry=self.registry,
-                                        environ=environ)
+        try:
+            self.server = start_http_server(port=port, host=host, registry=self.registry,
+                                            environ=environ)
+        except OSError as exc:
+            self.hooks.close()
+            if self.provider is not None:
+                self.provider.shutdown()
+            raise OSError(f"{host}:{port}: {exc}") from exc
         self.port = self.server.port
         self.vocab_size = int(runner.model_config.get_vocab_size())
         from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID

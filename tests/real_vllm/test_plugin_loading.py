@@ -84,3 +84,32 @@ def test_a_failure_inside_the_plugin_never_raises_into_vllm():
     done = run(code, SPEC_METRICS_VLLM="1")
     assert "vLLM goes on" in done.stdout
     assert "the vLLM plugin failed to load" in done.stderr and "boom" in done.stderr
+
+
+def test_a_taken_port_leaves_the_runner_uninstrumented_with_a_warning():
+    code = """
+import logging, socket, sys
+from types import SimpleNamespace
+import torch
+logging.basicConfig(level=logging.WARNING)
+from spec_metrics.integrations import vllm_plugin
+
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+port = taken.getsockname()[1]
+import os; os.environ["SPEC_METRICS_PORT"] = str(port)
+
+class Runner:  # what the plugin reads of a model runner
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_rank=0))
+    speculative_config = SimpleNamespace(method="ngram", num_speculative_tokens=3)
+    model_config = SimpleNamespace(get_vocab_size=lambda: 512, served_model_name="m")
+    device = torch.device("cpu")
+    def execute_model(self, scheduler_output): return "executed"
+
+runner = Runner()
+vllm_plugin._instrument(runner)
+print("wrapped", "execute_model" in runner.__dict__, runner.execute_model(None))
+print("listed", len(vllm_plugin.instrumented_runners()))
+"""
+    done = run(code, SPEC_METRICS_VLLM="1")
+    assert "wrapped False executed" in done.stdout and "listed 0" in done.stdout
+    assert "cannot serve /metrics" in done.stderr and "runs uninstrumented" in done.stderr
