@@ -22,6 +22,11 @@ def span_trace_id(span: Any) -> str:
     return value.hex() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def span_id_hex(span: Any) -> str:
+    value = span.span_id
+    return value.hex() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
 class OtlpReceiver:
     """oteltap's OTLP/HTTP receiver on 127.0.0.1:`port` (a free one by default), collecting
     every span it receives in `.spans`; `reemit_to` also forwards each raw export request
@@ -51,6 +56,19 @@ class OtlpReceiver:
     async def _collect(self) -> None:
         async for span in self._receiver.stream_traces():
             self.spans.append(span)
+
+    def span_keys(self) -> set[tuple[str, str]]:
+        """(trace_id, span_id) in hex of every span received so far."""
+        return {(span_trace_id(span), span_id_hex(span)) for span in list(self.spans)}
+
+    def wait_for_spans(self, keys: set[tuple[str, str]], seconds: float = 20.0) -> bool:
+        """Whether every (trace_id, span_id) in `keys` arrived within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not keys <= self.span_keys():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def trace_ids(self) -> set[str]:
         return {span_trace_id(span) for span in list(self.spans)}

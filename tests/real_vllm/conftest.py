@@ -33,7 +33,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # per module: a test counts every span its module received
 def receiver() -> Iterator[Any]:
     from otlp import OtlpReceiver
 

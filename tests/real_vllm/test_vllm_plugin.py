@@ -14,7 +14,7 @@ pytest.importorskip("vllm", reason="the real-vLLM tests run in .venv-vllm: scrip
                     "builds it and the README's test command runs them there")
 
 from engine_runs import run_engine  # noqa: E402
-from otlp import free_port, span_trace_id  # noqa: E402
+from otlp import free_port  # noqa: E402
 from prometheus_client.openmetrics.parser import text_string_to_metric_families  # noqa: E402
 
 K = 3
@@ -158,8 +158,7 @@ def test_ngram_spans_received_and_exemplars_resolve(ngram_runs, receiver):
     stage_spans = [span for span in received if span.name != "spec_decode.step"]
     assert len(received) == exported
     assert {span.name for span in stage_spans} == {"spec_decode.verify", "spec_decode.draft"}
-    seen = {(span_trace_id(span), bytes(span.span_id).hex() if not isinstance(span.span_id, str)
-             else span.span_id) for span in received}
+    seen = receiver.span_keys()
     exemplars = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

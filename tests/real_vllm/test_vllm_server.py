@@ -43,18 +43,25 @@ def total(values: dict[tuple, float], name: str, **match: str) -> float:
                if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
+@pytest.fixture(scope="module", params=["ngram", "draft_model", "eagle"])
+def server(request, models, tmp_path_factory, receiver):
+    method = request.param
+    tmp = tmp_path_factory.mktemp(f"server-{method}")
     api_port, metrics_port = free_port(), free_port()
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3,
-                       "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    spec_config = {"method": method, "num_speculative_tokens": 3}
+    if method == "ngram":
+        spec_config.update(prompt_lookup_min=1, prompt_lookup_max=3)
+    else:
+        spec_config["model"] = str(models / method)
+    spec = json.dumps(spec_config)
     # The plugin, and the stat logger through vLLM's stat-logger entry point (which the
     # server's AsyncLLM loads).
     site = install_stat_logger_entry_point(tmp / "site")
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, **VLLM_ENV, "SPEC_METRICS_VLLM": "1",
-           "SPEC_METRICS_PORT": str(metrics_port), "PYTHONPATH": path}
+           "SPEC_METRICS_PORT": str(metrics_port), "PYTHONPATH": path,
+           "SPEC_METRICS_TRACE_RATIO": "1", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url}
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -76,7 +83,7 @@ def server(models, tmp_path_factory):
                                      + (tmp / "server.log").read_text()[-5000:]) from None
             time.sleep(1)
     try:
-        yield base, metrics_port
+        yield base, metrics_port, method
     finally:
         stop_process(process)
         log.close()
@@ -91,14 +98,14 @@ def complete(base: str, prompt: str) -> dict:
         return json.loads(response.read())
 
 
-def test_server_worker_metrics_equal_the_servers_counters(server):
-    base, metrics_port = server
+def test_server_worker_metrics_equal_the_servers_counters(server, receiver):
+    base, metrics_port, method = server
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda p: complete(base, p), prompts()))
     assert [a["usage"]["completion_tokens"] for a in answers] == [MAX_TOKENS] * 4
     theirs = samples(get(base + "/metrics"))
     ours = samples(get(f"http://127.0.0.1:{metrics_port}/metrics"))
-    labels = {"method": "ngram", "engine": "vllm", "model": "tiny-llama"}
+    labels = {"method": method, "engine": "vllm", "model": "tiny-llama"}
     drafts = total(theirs, "vllm:spec_decode_num_drafts_total")
     assert drafts > 0
     assert total(ours, "spec_decode_drafts_total", **labels) == drafts
@@ -121,15 +128,43 @@ def test_server_worker_metrics_equal_the_servers_counters(server):
                     for s in ("verify", "draft"))
     assert 0 < stage_sum <= total(ours, "spec_decode_step_duration_seconds_sum", **labels)
     assert total(ours, "spec_metrics_dropped_total") == 0
+    # Every exemplar on the worker's /metrics names a span the receiver got.
+    exemplars = worker_exemplars(metrics_port)
+    assert exemplars
+    assert receiver.wait_for_spans(exemplars), sorted(exemplars - receiver.span_keys())
+
+
+def worker_exemplars(port: int, seconds: float = 30.0) -> set[tuple[str, str]]:
+    """(trace_id, span_id) of the exemplars on the worker's /metrics, once every traced
+    step's spans were exported or lost (exemplars wait for their spans' export)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + seconds
+    last = None
+    while True:
+        request = urllib.request.Request(url, headers={
+            "Accept": "application/openmetrics-text; version=1.0.0"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        done = sum(s.value for f in parse(text) for s in f.samples
+                   if s.name in ("spec_metrics_spans_exported_total",
+                                 "spec_metrics_spans_dropped_total"))
+        if (done and done == last) or time.monotonic() > deadline:
+            break
+        last = done
+        time.sleep(1.0)
+    return {(s.exemplar.labels["trace_id"], s.exemplar.labels["span_id"])
+            for f in parse(text) for s in f.samples if s.exemplar is not None}
 
 
 def test_server_stat_logger_entry_point_counts_equal_the_servers(server):
     """The stat logger, loaded by the server from the vllm.stat_logger_plugins entry
     point, on the server's own /metrics: equal to vLLM's counters (the first test made
     the traffic)."""
-    base, _ = server
+    base, _, method = server
     theirs = samples(get(base + "/metrics"))
-    labels = {"method": "ngram", "engine": "vllm", "model": "tiny-llama"}
+    labels = {"method": method, "engine": "vllm", "model": "tiny-llama"}
     drafts = total(theirs, "vllm:spec_decode_num_drafts_total")
     assert drafts > 0
     assert total(theirs, "spec_decode_drafts_total", **labels) == drafts
