@@ -113,3 +113,34 @@ print("listed", len(vllm_plugin.instrumented_runners()))
     done = run(code, SPEC_METRICS_VLLM="1")
     assert "wrapped False executed" in done.stdout and "listed 0" in done.stdout
     assert "cannot serve /metrics" in done.stderr and "runs uninstrumented" in done.stderr
+
+
+def test_each_rank_listens_on_the_base_port_plus_its_rank_on_loopback():
+    """Data-parallel rank 3 of a one-worker world: SPEC_METRICS_PORT + 3, on 127.0.0.1
+    unless SPEC_METRICS_HOST says otherwise."""
+    import urllib.request
+    from types import SimpleNamespace
+
+    import torch
+    from otlp import free_port
+
+    from spec_metrics.integrations.vllm_plugin import RunnerInstruments
+
+    class Runner:
+        vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_rank=3),
+                                      model_config=SimpleNamespace(served_model_name="m"))
+        speculative_config = SimpleNamespace(method="eagle", num_speculative_tokens=3)
+        model_config = SimpleNamespace(get_vocab_size=lambda: 512)
+        device = torch.device("cpu")
+
+    port = free_port()
+    instruments = RunnerInstruments(Runner(), environ={"SPEC_METRICS_PORT": str(port - 3)})
+    try:
+        assert instruments.rank == 3 and instruments.port == port
+        assert instruments.server.host == "127.0.0.1"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        # Series of a method appear with its first step; the constant labels at once.
+        assert b"# TYPE spec_decode_drafts_total counter" in body
+        assert b'spec_metrics_dropped_total{engine="vllm",model="m",reason=' in body
+    finally:
+        instruments.close()
