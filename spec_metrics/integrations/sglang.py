@@ -9,7 +9,7 @@ and records one step for the whole batch through `SpecDecodeHooks` instead:
     spec = SglangSpecAdapter(hooks, draft_tokens=num_steps, forward=set_time_batch)
     spec.set_time_batch(batch.reqs, "set_spec_draft_start_time", trace_only=True)  # as before
     ...
-    spec.verify_end_batch(batch.reqs, verify_output.accept_length_per_req_cpu)
+    spec.verify_end_batch(batch.reqs, verify_output.num_accepted_drafts_per_req_cpu)
 
 `forward=` keeps sglang's own per-request slices: every call is passed on to it unchanged.
 """
@@ -25,7 +25,8 @@ import numpy as np
 from spec_metrics._core.hooks import SpecDecodeHooks
 from spec_metrics._support.drops import StrictModeError
 
-__all__ = ["SglangSpecAdapter", "STAGE_LEVELS", "STAGE_NAMES", "SET_FUNCS"]
+__all__ = ["SglangSpecAdapter", "STAGE_LEVELS", "STAGE_NAMES", "SET_FUNCS",
+           "SUPPORTED_SGLANG_VERSIONS", "SGLANG_SETTERS", "SGLANG_STAGES"]
 
 logger = logging.getLogger("spec_metrics")
 
@@ -47,6 +48,26 @@ SET_FUNCS: dict[str, int] = {
     "set_spec_draft_extend_start_time": _EXTEND_START,
     "set_spec_draft_extend_end_time": _EXTEND_END,
 }
+
+# What the adapter mirrors, per sglang release, as that release's wheel has it
+# (tests/integrations/test_sglang_source.py reads the wheels with `ast`): the
+# `SchedulerReqTimeStats` setters of `sglang/srt/observability/req_time_stats.py` (the
+# others of SET_FUNCS are absent there), and its `RequestStage` spec stages with their
+# trace levels. Every release has `set_time_batch(reqs, set_func, trace_only, attrs)`.
+_ALL_SETTERS = tuple(SET_FUNCS)
+SGLANG_SETTERS: dict[str, tuple[str, ...]] = {
+    "0.5.11": _ALL_SETTERS,
+    "0.5.12": _ALL_SETTERS,
+    # No verify-end setter and no draft-extend stage: end verify with verify_end_batch().
+    "0.5.23": ("set_spec_draft_start_time", "set_spec_draft_end_time",
+               "set_spec_verify_start_time"),
+}
+SGLANG_STAGES: dict[str, dict[str, int]] = {
+    "0.5.11": STAGE_LEVELS,
+    "0.5.12": STAGE_LEVELS,
+    "0.5.23": {"spec_draft": 2, "spec_verify": 2},
+}
+SUPPORTED_SGLANG_VERSIONS = tuple(SGLANG_SETTERS)
 
 SetTimeBatch = Callable[..., Any]
 
@@ -136,7 +157,7 @@ class SglangSpecAdapter:
     def verify_end_batch(self, reqs: Sequence[Any], num_correct_drafts: Any,
                          draft_tokens: Any = None) -> None:
         """End verify for the batch with each request's accepted draft tokens, the bonus
-        token not included (sglang: `verify_output.accept_length_per_req_cpu`).
+        token not included (sglang: `verify_output.num_accepted_drafts_per_req_cpu`).
 
         `num_correct_drafts`: list, numpy array or torch tensor (a CUDA tensor is copied
         without blocking). `draft_tokens`: K or one count per request; default: the
