@@ -15,6 +15,8 @@ __all__ = [
     "STAGE_DURATION",
     "STEP_DURATION",
     "ACCEPTED_LENGTH",
+    "DRAFT_LENGTH",
+    "STEPS_WITHOUT_DRAFTS",
     "DRAFTS",
     "DRAFT_TOKENS",
     "ACCEPTED_TOKENS",
@@ -137,6 +139,18 @@ ACCEPTED_LENGTH = MetricSpec(
     "the bonus token not included.",
     "", ("method",), buckets="accepted_length",
 )
+DRAFT_LENGTH = MetricSpec(
+    "spec_decode_draft_length", "histogram",
+    "Draft tokens proposed per request in a verify pass, 0 included (a request verified "
+    "without drafts: K was 0 for it, or the drafter found nothing).",
+    "", ("method",), buckets="accepted_length",
+)
+STEPS_WITHOUT_DRAFTS = MetricSpec(
+    "spec_decode_steps_without_drafts_total", "counter",
+    "Verify passes in which no request had a draft token (K = 0 for the whole batch): "
+    "plain decode steps.",
+    "", ("method",),
+)
 DRAFTS = MetricSpec(
     "spec_decode_drafts_total", "counter",
     "Draft sequences verified: requests that had at least one draft token in a verify pass.",
@@ -199,10 +213,12 @@ METRICS: tuple[MetricSpec, ...] = (
     STAGE_DURATION,
     STEP_DURATION,
     ACCEPTED_LENGTH,
+    DRAFT_LENGTH,
     DRAFTS,
     DRAFT_TOKENS,
     ACCEPTED_TOKENS,
     EMITTED_TOKENS,
+    STEPS_WITHOUT_DRAFTS,
     DRAFT_TOKENS_PER_POSITION,
     ACCEPTED_TOKENS_PER_POSITION,
     DROPPED,

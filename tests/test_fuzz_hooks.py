@@ -195,6 +195,7 @@ class Series:
         self.accepted: list[np.ndarray] = []  # per verify pass, requests with drafts only
         self.drafts: list[np.ndarray] = []  # per verify pass, every request
         self.requests = 0
+        self.plain_steps = 0  # verify passes without any draft token
 
 
 class Record:
@@ -340,6 +341,7 @@ class Model:
             series.accepted.append(a[d > 0])
             series.drafts.append(d)
             series.requests += a.shape[0]
+            series.plain_steps += int(not (d > 0).any())
         self.steps += 1
 
     def expected(self) -> dict:
@@ -375,6 +377,12 @@ class Model:
                 put(name + "_bucket", int((a <= bound).sum()), le=bound, method=method)
             put(name + "_count", a.shape[0], method=method)
             put(name + "_sum", int(a.sum()), method=method)
+            name = "spec_decode_draft_length"
+            for bound in (*map(float, range(MAX_K + 1)), float("inf")):
+                put(name + "_bucket", int((d <= bound).sum()), le=bound, method=method)
+            put(name + "_count", d.shape[0], method=method)
+            put(name + "_sum", int(d.sum()), method=method)
+            put("spec_decode_steps_without_drafts_total", s.plain_steps, method=method)
             put("spec_decode_drafts_total", int((d > 0).sum()), method=method)
             put("spec_decode_draft_tokens_total", int(d.sum()), method=method)
             put("spec_decode_accepted_tokens_total", int(a.sum()), method=method)

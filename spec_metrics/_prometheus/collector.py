@@ -39,6 +39,7 @@ from spec_metrics.catalog import (
     DEFAULT_MAX_DRAFT_TOKENS,
     DEFAULT_STAGE_BUCKETS,
     DEFAULT_STEP_BUCKETS,
+    DRAFT_LENGTH,
     DROPPED,
     EXEMPLARS_WITHHELD,
     LABEL_VALUES_FOLDED,
@@ -50,6 +51,7 @@ from spec_metrics.catalog import (
     STAGE_DURATION,
     STAGES,
     STEP_DURATION,
+    STEPS_WITHOUT_DRAFTS,
     TRACED_STEPS_SKIPPED,
     WITHHELD_REASONS,
     MetricSpec,
@@ -221,6 +223,8 @@ class SpecDecodeCollector(Collector):
         if summary is not None:
             series.accepted_hist += summary.accepted_hist
             series.draft_hist += summary.draft_hist
+            if not summary.draft_hist[1:].any():
+                series.steps_without_drafts += 1
             if exemplars is not None:
                 self._offer_accept_exemplars(series, summary, exemplars, now)
 
@@ -267,6 +271,7 @@ class SpecDecodeCollector(Collector):
                     series.draft_hist.copy(),
                     peek_all(series.accepted_exemplars, shown),
                     peek_all(series.counter_exemplars, shown),
+                    series.steps_without_drafts,
                 )
                 for method, series in self._series.items()
             ]
@@ -275,12 +280,12 @@ class SpecDecodeCollector(Collector):
                        EXEMPLARS_WITHHELD: dict(self.withheld.counts)}
             folded = self.folded
         series_data = []
-        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex in raw:
+        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex, plain in raw:
             summary = AcceptSummary(accepted_hist, draft_hist)
             totals = ((summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
                       summary.per_position(draft_hist), summary.per_position(accepted_hist))
             series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
-                                counter_ex, totals))
+                                counter_ex, totals, plain))
         return Snapshot(series_data, reasons, folded)
 
     def collect(self) -> Iterator[Metric]:
@@ -293,8 +298,9 @@ class SpecDecodeCollector(Collector):
         const = self._label_values
         snapshot = self._snapshot([])
         stage_les, step_les, length_les, positions = self._layout()
-        for method, latency, accepted_hist, _draft_hist, length_ex, counter_ex, totals in (
-                snapshot.series):
+        no_exemplars: list[Exemplar | None] = [None] * (self.max_draft_tokens + 2)
+        for (method, latency, accepted_hist, draft_hist, length_ex, counter_ex, totals,
+             plain) in snapshot.series:
             for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
                 families[STAGE_DURATION].add_metric([method, stage, *const],
                                                     _buckets(stage_les, counts, ex), total)
@@ -305,8 +311,13 @@ class SpecDecodeCollector(Collector):
             families[ACCEPTED_LENGTH].add_metric(
                 [method, *const], _buckets(length_les, length_counts, length_ex),
                 float(sum(i * n for i, n in enumerate(length_counts))))
+            draft_counts = [*draft_hist.tolist(), 0]
+            families[DRAFT_LENGTH].add_metric(
+                [method, *const], _buckets(length_les, draft_counts, no_exemplars),
+                float(sum(i * n for i, n in enumerate(draft_counts))))
             for spec, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
                 families[spec].add_metric([method, *const], float(value), exemplar=exemplar)
+            families[STEPS_WITHOUT_DRAFTS].add_metric([method, *const], float(plain))
             for spec, values in zip(PER_POSITION_COUNTERS, totals[1:]):
                 for position, value in zip(positions, values):
                     families[spec].add_metric([method, position, *const], float(value))

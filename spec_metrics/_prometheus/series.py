@@ -22,7 +22,8 @@ __all__ = ["MethodSeries", "Snapshot", "peek_all"]
 class Snapshot(NamedTuple):
     # per method: (method, latency [(counts, sum, exemplars)] per stage then step,
     #  accepted_hist, draft_hist, length exemplars, counter exemplars,
-    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position))
+    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position),
+    #  steps without drafts)
     series: list[tuple]
     # catalog.REASON_COUNTERS' values: dropped input, steps selected for tracing and not
     # traced, traced steps whose exemplars were withheld; each by reason.
@@ -52,7 +53,7 @@ class MethodSeries:
     """Everything aggregated for one method."""
 
     __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
-                 "counter_exemplars")
+                 "counter_exemplars", "steps_without_drafts")
 
     def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
                  max_k: int, hold: float) -> None:
@@ -62,6 +63,7 @@ class MethodSeries:
         self.draft_hist = np.zeros(max_k + 1, dtype=np.int64)
         self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
         self.counter_exemplars = ExemplarSlots(len(COUNTERS_WITH_EXEMPLARS), hold)
+        self.steps_without_drafts = 0  # verify passes in which no request had drafts
 
 
 def peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:

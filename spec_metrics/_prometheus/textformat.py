@@ -21,12 +21,14 @@ from prometheus_client.utils import floatToGoString
 from spec_metrics.catalog import (
     ACCEPTED_LENGTH,
     COUNTERS_WITH_EXEMPLARS,
+    DRAFT_LENGTH,
     LABEL_VALUES_FOLDED,
     METRICS,
     PER_POSITION_COUNTERS,
     STAGE_DURATION,
     STAGES,
     STEP_DURATION,
+    STEPS_WITHOUT_DRAFTS,
     MetricSpec,
 )
 
@@ -105,6 +107,8 @@ class SeriesText:
                        for stage in STAGES]
         self.step = _HistogramText(STEP_DURATION.name, base, step_les)
         self.length = _HistogramText(ACCEPTED_LENGTH.name, base, length_les)
+        self.draft_length = _HistogramText(DRAFT_LENGTH.name, base, length_les)
+        self.plain_steps = f"{STEPS_WITHOUT_DRAFTS.name}{label_text(base)} "
         self.counters = [f"{spec.name}{label_text(base)} " for spec in COUNTERS_WITH_EXEMPLARS]
         self.positions = [[f"{spec.name}{label_text({**base, 'position': p})} "
                            for p in positions] for spec in PER_POSITION_COUNTERS]
@@ -128,19 +132,27 @@ def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
                 counts, total, exemplars = latency[-1]
                 text.step.render(out, counts, total, exemplars if keep else None)
         elif spec is ACCEPTED_LENGTH:
-            for text, (_l, accepted_hist, _d, length_ex, _c, _s) in series:
+            for text, (_l, accepted_hist, _d, length_ex, _c, _s, _p) in series:
                 counts = [*accepted_hist.tolist(), 0]
                 total = float(sum(i * n for i, n in enumerate(counts)))
                 text.length.render(out, counts, total, length_ex if keep else None)
+        elif spec is DRAFT_LENGTH:
+            for text, (_l, _a, draft_hist, _e, _c, _s, _p) in series:
+                counts = [*draft_hist.tolist(), 0]
+                total = float(sum(i * n for i, n in enumerate(counts)))
+                text.draft_length.render(out, counts, total, None)
+        elif spec is STEPS_WITHOUT_DRAFTS:
+            for text, (*_rest, plain) in series:
+                out.append(f"{text.plain_steps}{format_count(plain)}\n")
         elif spec in COUNTERS_WITH_EXEMPLARS:
             index = COUNTERS_WITH_EXEMPLARS.index(spec)
-            for text, (_l, _a, _d, _e, counter_ex, totals) in series:
+            for text, (_l, _a, _d, _e, counter_ex, totals, _p) in series:
                 exemplar = counter_ex[index] if keep else None
                 tail = "" if exemplar is None else _exemplar_text(exemplar)
                 out.append(f"{text.counters[index]}{format_count(totals[0][index])}{tail}\n")
         elif spec in PER_POSITION_COUNTERS:
             index = PER_POSITION_COUNTERS.index(spec)
-            for text, (_l, _a, _d, _e, _c, totals) in series:
+            for text, (_l, _a, _d, _e, _c, totals, _p) in series:
                 for prefix, value in zip(text.positions[index], totals[1 + index]):
                     out.append(f"{prefix}{format_count(value)}\n")
         elif spec is LABEL_VALUES_FOLDED:

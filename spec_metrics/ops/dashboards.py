@@ -39,6 +39,8 @@ QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
 STAGE_HIST = catalog.STAGE_DURATION
 STEP_HIST = catalog.STEP_DURATION
 ACC_LEN_HIST = catalog.ACCEPTED_LENGTH
+DRAFT_LEN_HIST = catalog.DRAFT_LENGTH
+PLAIN_STEPS = catalog.STEPS_WITHOUT_DRAFTS
 DRAFTS = catalog.DRAFTS
 DRAFT_TOKENS = catalog.DRAFT_TOKENS
 ACCEPTED_TOKENS = catalog.ACCEPTED_TOKENS
@@ -252,12 +254,39 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
                     "mean number of draft tokens per draft (K).", "short",
                     [_target(mean_len, "A", "{{method}} accepted length"),
                      _target(k_per_draft, "B", "{{method}} draft tokens per draft")], w=8),
-        _accepted_length_panel(_target(dist, "A", "{{le}}", fmt="heatmap", instant=True)),
+        _distribution_panel(
+            "Accepted-length distribution",
+            f"`{ACC_LEN_HIST.name}` over the dashboard range: how many draft tokens each "
+            "request accepted per verify pass (le = at most).",
+            _target(dist, "A", "{{le}}", fmt="heatmap", instant=True)),
         _timeseries("Acceptance by draft position",
                     "Accepted / proposed draft tokens at each draft position (0 = first). Late "
                     "positions decay first.", "percentunit",
                     [_target(per_pos, "A", "{{method}} position {{position}}")], w=24,
                     max_val=1),
+    ]))
+
+    draft_dist = q.rate(DRAFT_LEN_HIST.name, "le", "_bucket", fn="increase", window="$__range")
+    mean_k = (f"{q.rate(DRAFT_LEN_HIST.name, 'method', '_sum')} / "
+              f"({q.rate(DRAFT_LEN_HIST.name, 'method', '_count')} > 0)")
+    no_draft_requests = q.rate(DRAFT_LEN_HIST.name, "method", "_bucket", le="0.0")
+    rows.append(("Draft length (K)", [
+        _distribution_panel(
+            "Draft-length distribution",
+            f"`{DRAFT_LEN_HIST.name}` over the dashboard range: draft tokens proposed per "
+            "request per verify pass, 0 included (le = at most). With dynamic speculation K "
+            "moves with load; compare acceptance only between equal K.",
+            _target(draft_dist, "A", "{{le}}", fmt="heatmap", instant=True)),
+        _timeseries("Mean draft length", "Draft tokens proposed per request verified, "
+                    "requests without drafts included.", "short",
+                    [_target(mean_k, "A", "{{method}}")], w=8),
+        _timeseries("Verified without drafts",
+                    "Requests verified with no draft token (draft length 0), and "
+                    f"`{PLAIN_STEPS.name}`: verify passes in which no request had a draft "
+                    "(plain decode steps), per second.", "short",
+                    [_target(no_draft_requests, "A", "{{method}} requests/s"),
+                     _target(q.rate(PLAIN_STEPS.name, "method"), "B",
+                             "{{method}} steps/s")], w=8),
     ]))
 
     steps = q.rate(STEP_HIST.name, "method", "_count")
@@ -306,11 +335,10 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
     return json.loads(json.dumps(dash.build(), cls=g.JSONEncoder))
 
 
-def _accepted_length_panel(target: Any) -> Any:
+def _distribution_panel(title: str, description: str, target: Any) -> Any:
     g = _sdk()
-    return (g.bargauge.Panel().title("Accepted-length distribution")
-            .description(f"`{ACC_LEN_HIST.name}` over the dashboard range: how many draft tokens "
-                         "each request accepted per verify pass (le = at most).")
+    return (g.bargauge.Panel().title(title)
+            .description(description)
             .unit("short").span(8).height(8)
             .datasource(_ds())
             .with_target(target).orientation(g.cm.VizOrientation.VERTICAL)

@@ -166,8 +166,9 @@ def test_ragged_drafts_counters_exact_positions_laid_out_front_first(registry):
     logger.record(stand_in_stats(4, drafts), None)
     assert logger.ragged_steps == 1
     families = scrape(registry)
-    # Everything but the per-position split of draft tokens equals the per-request truth.
-    skip = ("spec_decode_draft_tokens_per_position",)
+    # Everything but the split of draft tokens over positions (and so over draft lengths)
+    # equals the per-request truth.
+    skip = ("spec_decode_draft_tokens_per_position", "spec_decode_draft_length")
     assert acceptance_samples(registry, skip) == acceptance_samples(
         hooks_reference(4, [drafts]), skip)
     assert sample_value(families, "spec_decode_draft_tokens", "spec_decode_draft_tokens_total",
@@ -181,6 +182,14 @@ def test_ragged_drafts_counters_exact_positions_laid_out_front_first(registry):
                              position=str(p), **LABELS) for p in range(4)]
     assert laid_out == [4, 4, 1, 1]
     assert sum(laid_out) == 10
+    # The draft lengths that layout means: three drafts of 2 tokens, one of 4 (truth: 4, 1,
+    # 2, 3); count and sum exact.
+    lengths = [sample_value(families, "spec_decode_draft_length",
+                            "spec_decode_draft_length_bucket", le=f"{float(n)}", **LABELS)
+               for n in range(5)]
+    assert lengths == [0, 0, 3, 3, 4]
+    assert sample_value(families, "spec_decode_draft_length", "spec_decode_draft_length_sum",
+                        **LABELS) == 10
 
 
 def test_ragged_drafts_exact_with_draft_tokens_per_position(registry):

@@ -80,6 +80,11 @@ def check_counts(result: dict[str, Any], method: str, text: str | None = None) -
     # One token from the target per request verified (with drafts or without), plus the
     # accepted ones; vLLM's stats (the stat logger's source) know only requests with drafts.
     verified = result["verified_rows"] if plugin else want["drafts"]
+    # The draft length of every request verified: 0 for those the drafter had nothing for
+    # (the plugin sees them; vLLM's stats, the stat logger's source, do not).
+    draft_length = by_label(text, "spec_decode_draft_length_bucket", "le", **labels)
+    assert draft_length["0.0"] == verified - want["drafts"]
+    assert draft_length["+Inf"] == verified
     assert one(text, "spec_decode_emitted_tokens_total", **labels) == \
         want["accepted_tokens"] + verified
     positions = [str(p) for p in range(SIZE - 1)]
