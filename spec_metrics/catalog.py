@@ -16,6 +16,7 @@ __all__ = [
     "STEP_DURATION",
     "ACCEPTED_LENGTH",
     "DRAFT_LENGTH",
+    "DRAFTER_INFO",
     "STEPS_WITHOUT_DRAFTS",
     "DRAFTS",
     "DRAFT_TOKENS",
@@ -101,7 +102,7 @@ RESERVED_LABELS: frozenset[str] = frozenset(
     {"method", "stage", "position", "reason", "le", "quantile", "trace_id", "span_id"}
 )
 
-MetricType = Literal["counter", "histogram"]
+MetricType = Literal["counter", "histogram", "info"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,13 @@ class MetricSpec:
 
     @property
     def family(self) -> str:
-        """The family name prometheus_client uses (counters without _total)."""
-        return self.name[: -len("_total")] if self.type == "counter" else self.name
+        """The family name prometheus_client uses (counters without _total, info without
+        _info)."""
+        if self.type == "counter":
+            return self.name[: -len("_total")]
+        if self.type == "info":
+            return self.name[: -len("_info")]
+        return self.name
 
 
 # Every metric family, one named spec each: code refers to these, never to a name string.
@@ -181,6 +187,13 @@ ACCEPTED_TOKENS_PER_POSITION = MetricSpec(
     "Draft tokens accepted at each draft position (0 is the first draft token).",
     "", ("method", "position"),
 )
+DRAFTER_INFO = MetricSpec(
+    "spec_decode_drafter_info", "info",
+    "What the engine declared it speculates with, per method: the target model, the "
+    "drafter and K (num_speculative_tokens). Value 1; a new declaration replaces the "
+    "label set (the dashboard marks the change).",
+    "", ("method", "target", "drafter", "num_speculative_tokens"),
+)
 DROPPED = MetricSpec(
     "spec_metrics_dropped_total", "counter",
     "Hook inputs spec_metrics rejected instead of recording, by reason.",
@@ -221,6 +234,7 @@ METRICS: tuple[MetricSpec, ...] = (
     STEPS_WITHOUT_DRAFTS,
     DRAFT_TOKENS_PER_POSITION,
     ACCEPTED_TOKENS_PER_POSITION,
+    DRAFTER_INFO,
     DROPPED,
     LABEL_VALUES_FOLDED,
     TRACED_STEPS_SKIPPED,

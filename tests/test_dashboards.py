@@ -197,6 +197,11 @@ def test_every_query_is_valid_promql(dash, tmp_path):
         {"record": f"dashboard:query_{i}", "expr": dashboards.substitute_variables(expr)}
         for i, (_, _, expr) in enumerate(dashboards.panel_queries(dash))
     ]
+    annotations = [a["expr"] for a in dash["annotations"]["list"] if "expr" in a]
+    assert annotations  # the drafter-change marks
+    rules += [{"record": f"dashboard:annotation_{i}",
+               "expr": dashboards.substitute_variables(expr)}
+              for i, expr in enumerate(annotations)]
     variables = [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
     # label_values(selector, label) is Grafana syntax: check its selector as PromQL.
     for i, query in enumerate(variables):

@@ -102,6 +102,9 @@ def test_response_equals_prometheus_client_for_every_accept_header(make_hooks, r
                                                                      accept) -> None:
     hooks = make_hooks(trace_ratio=1.0)
     _drive(hooks, 0, 5, 16)
+    # The info family too, with label values that need escaping.
+    hooks.declare_drafter("llama-3-8b", "eagle-head", 4)
+    hooks.declare_drafter('target "v2"', "path\\to\nhead", 0, method="ngram")
     encoder, content_type = classic.choose_encoder(accept or "")
     status, headers, body, _ = metrics_response(registry, "GET", accept, None, "")
     assert (status, headers) == ("200 OK", [("Content-Type", content_type)])

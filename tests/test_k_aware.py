@@ -49,3 +49,51 @@ def test_draft_length_and_plain_steps_exact(make_hooks, registry):
                             position=str(position)) == want_drafted[position]
         assert sample_value(families, accepted, accepted + "_total", method="ngram",
                             position=str(position)) == want_accepted[position]
+
+
+def drafter_info(registry) -> list[dict]:
+    families = scrape(registry)
+    return [dict(s.labels) for s in families["spec_decode_drafter"].samples if s.value == 1]
+
+
+def test_declared_drafter_is_an_info_metric_and_a_change_replaces_it(make_hooks, registry):
+    hooks = make_hooks("eagle", labels={"model": "m"})
+    assert drafter_info(registry) == []
+    hooks.declare_drafter("llama-3-8b", "eagle-head-v1", 4)
+    assert drafter_info(registry) == [{"method": "eagle", "target": "llama-3-8b",
+                                       "drafter": "eagle-head-v1",
+                                       "num_speculative_tokens": "4", "model": "m"}]
+    hooks.declare_drafter("llama-3-8b", "eagle-head-v2", 2)  # a drafter swap, K lowered
+    hooks.declare_drafter("llama-3-8b", "prompt-lookup", 3, method="ngram")
+    assert drafter_info(registry) == [
+        {"method": "eagle", "target": "llama-3-8b", "drafter": "eagle-head-v2",
+         "num_speculative_tokens": "2", "model": "m"},
+        {"method": "ngram", "target": "llama-3-8b", "drafter": "prompt-lookup",
+         "num_speculative_tokens": "3", "model": "m"}]
+
+
+def test_bad_declarations_are_counted_or_raised(make_hooks, registry):
+    import pytest
+
+    from spec_metrics import StrictModeError
+
+    hooks = make_hooks("eagle")
+    hooks.declare_drafter("", "d", 4)
+    hooks.declare_drafter("t", "d", 65)
+    hooks.declare_drafter("t", "d", True)
+    assert sample_value(scrape(registry), "spec_metrics_dropped", "spec_metrics_dropped_total",
+                        reason="wrong_type") == 3
+    assert drafter_info(registry) == []
+    import spec_metrics
+
+    strict = spec_metrics.SpecDecodeHooks("eagle", strict=True, registry=None)
+    with pytest.raises(StrictModeError, match="declare_drafter.*num_speculative_tokens"):
+        strict.declare_drafter("t", "d", -1)
+
+
+def test_disabled_hooks_declare_nothing(registry):
+    import spec_metrics
+
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, enabled=False)
+    hooks.declare_drafter("t", "d", 4)
+    assert list(registry.collect()) == []

@@ -269,6 +269,37 @@ class SpecDecodeHooks:
         if self._on:
             self._end(_EXTEND, "draft_extend_end")
 
+    def declare_drafter(self, target: str, drafter: str, num_speculative_tokens: int,
+                        method: str | None = None) -> None:
+        """Say what this engine speculates with: `spec_decode_drafter_info{method, target,
+        drafter, num_speculative_tokens}` = 1. Call it at start-up and again whenever the
+        drafter, the target or K changes (a model update, dynamic speculation's K): the
+        new declaration replaces the previous one of the method, and the dashboard marks
+        the change. Not for every step: K per request goes to verify_end."""
+        if not self._on:
+            return
+        try:
+            values = {"target": target, "drafter": drafter}
+            for name, value in values.items():
+                if not (isinstance(value, str) and 0 < len(value) <= 256):
+                    raise InputRejected("wrong_type", f"{name} must be a non-empty string of "
+                                                      f"at most 256 characters, got "
+                                                      f"{_short(value)}")
+            k = num_speculative_tokens
+            if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= k <= 64:
+                raise InputRejected("wrong_type", "num_speculative_tokens must be an int in "
+                                                  f"0..64, got {_short(k)}")
+            if method is not None and not (isinstance(method, str) and method):
+                raise InputRejected("wrong_type", f"method must be a non-empty string, got "
+                                                  f"{method!r}")
+            self.collector.declare_drafter(method or self._method, target, drafter, int(k))
+        except InputRejected as rejected:
+            self._reject("declare_drafter", rejected.reason, rejected.message)
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("declare_drafter")
+
     # ---- context-manager forms ---------------------------------------------------------
 
     def step(self, request_ids: Sequence[Any] | None = None,

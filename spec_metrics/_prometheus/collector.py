@@ -16,7 +16,12 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
@@ -40,6 +45,7 @@ from spec_metrics.catalog import (
     DEFAULT_STAGE_BUCKETS,
     DEFAULT_STEP_BUCKETS,
     DRAFT_LENGTH,
+    DRAFTER_INFO,
     DROPPED,
     EXEMPLARS_WITHHELD,
     LABEL_VALUES_FOLDED,
@@ -99,6 +105,9 @@ class SpecDecodeCollector(Collector):
         self.skipped = Tally(SKIP_REASONS)
         self.withheld = Tally(WITHHELD_REASONS)
         self._series: dict[str, MethodSeries] = {}
+        # method -> (target, drafter, num_speculative_tokens) as the engine declared them
+        self._drafters: dict[str, tuple[str, str, str]] = {}
+        self._drafter_prefixes: dict[tuple[str, ...], str] = {}
         self._lock = threading.Lock()
         self._hold = exemplar_hold_seconds
         self._label_names = tuple(self.const_labels)
@@ -119,6 +128,7 @@ class SpecDecodeCollector(Collector):
         parent may have held the old one; it does not exist here). Stays registered."""
         self._lock = threading.Lock()
         self._series = {}
+        self._drafters = {}
         self.folded = 0
         self._deferred = deque()
         self._texts = {}
@@ -147,6 +157,15 @@ class SpecDecodeCollector(Collector):
             raise ValueError("spec_metrics: a shared collector keeps its own settings; these "
                              "differ: " + "; ".join(mismatches) + ". Pass the same values, or "
                              "give this engine its own collector and registry.")
+
+    def declare_drafter(self, method: str, target: str, drafter: str,
+                        num_speculative_tokens: int) -> None:
+        """Set `spec_decode_drafter_info` of `method` (replacing its previous declaration).
+        Methods beyond `max_methods` share method="other", as their steps do."""
+        with self._lock:
+            if method not in self._drafters and len(self._drafters) >= self.max_methods:
+                method = OTHER_LABEL_VALUE
+            self._drafters[method] = (target, drafter, str(int(num_speculative_tokens)))
 
     def _series_locked(self, method: str) -> MethodSeries:
         series = self._series.get(method)
@@ -254,6 +273,8 @@ class SpecDecodeCollector(Collector):
         labels = [*spec.labels, *self._label_names]
         if spec.type == "histogram":
             return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+        if spec.type == "info":
+            return InfoMetricFamily(spec.family, spec.help, labels=labels)
         return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
 
     def _snapshot(self, shown: list) -> Snapshot:
@@ -279,6 +300,7 @@ class SpecDecodeCollector(Collector):
                        TRACED_STEPS_SKIPPED: dict(self.skipped.counts),
                        EXEMPLARS_WITHHELD: dict(self.withheld.counts)}
             folded = self.folded
+            drafters = tuple((method, *info) for method, info in self._drafters.items())
         series_data = []
         for method, latency, accepted_hist, draft_hist, length_ex, counter_ex, plain in raw:
             summary = AcceptSummary(accepted_hist, draft_hist)
@@ -286,7 +308,7 @@ class SpecDecodeCollector(Collector):
                       summary.per_position(draft_hist), summary.per_position(accepted_hist))
             series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
                                 counter_ex, totals, plain))
-        return Snapshot(series_data, reasons, folded)
+        return Snapshot(series_data, reasons, folded, drafters)
 
     def collect(self) -> Iterator[Metric]:
         """Metric families, as the Collector contract says. Read by prometheus_client's
@@ -321,6 +343,8 @@ class SpecDecodeCollector(Collector):
             for spec, values in zip(PER_POSITION_COUNTERS, totals[1:]):
                 for position, value in zip(positions, values):
                     families[spec].add_metric([method, position, *const], float(value))
+        for drafter in snapshot.drafters:
+            families[DRAFTER_INFO].add_metric([*drafter, *const], {})
         families[LABEL_VALUES_FOLDED].add_metric(["method", *const], float(snapshot.folded))
         for spec in REASON_COUNTERS:
             for reason, value in snapshot.reasons[spec].items():
@@ -347,9 +371,16 @@ class SpecDecodeCollector(Collector):
         if self._folded_prefix is None:
             labels = label_text({"label": "method", **self.const_labels})
             self._folded_prefix = f"{LABEL_VALUES_FOLDED.name}{labels} "
+        drafter_prefixes = self._drafter_prefixes
+        for drafter in snapshot.drafters:
+            if drafter not in drafter_prefixes:
+                labels = label_text({**dict(zip(DRAFTER_INFO.labels, drafter)),
+                                     **self.const_labels})
+                drafter_prefixes[drafter] = f"{DRAFTER_INFO.name}{labels} "
         out: list[str] = []
         render_snapshot(snapshot, texts, self._headers[openmetrics], prefixes,
-                        self._folded_prefix, openmetrics, out)
+                        self._folded_prefix, openmetrics, out,
+                        [drafter_prefixes[d] for d in snapshot.drafters])
         return "".join(out), ShownExemplars(self._lock, shown if openmetrics else [])
 
     def _layout(self) -> tuple[list[str], list[str], list[str], list[str]]:

@@ -29,6 +29,8 @@ class Snapshot(NamedTuple):
     # traced, traced steps whose exemplars were withheld; each by reason.
     reasons: dict[MetricSpec, dict[str, int]]
     folded: int  # steps recorded under method="other"
+    # (method, target, drafter, num_speculative_tokens) as last declared per method
+    drafters: tuple[tuple[str, str, str, str], ...] = ()
 
 
 class LatencyHistogram:

@@ -22,6 +22,7 @@ from spec_metrics.catalog import (
     ACCEPTED_LENGTH,
     COUNTERS_WITH_EXEMPLARS,
     DRAFT_LENGTH,
+    DRAFTER_INFO,
     LABEL_VALUES_FOLDED,
     METRICS,
     PER_POSITION_COUNTERS,
@@ -67,10 +68,14 @@ def family_header(family: Metric, openmetrics: bool) -> str:
     if openmetrics:
         head = f"# HELP {name} {_escape_value(doc)}\n# TYPE {name} {family.type}\n"
         return head + (f"# UNIT {name} {family.unit}\n" if family.unit else "")
-    if family.type == "counter":
+    kind = family.type
+    if kind == "counter":
         name += "_total"
+    elif kind == "info":  # as prometheus_client writes it in the classic format
+        name += "_info"
+        kind = "gauge"
     doc = doc.replace("\\", r"\\").replace("\n", r"\n")
-    return f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n"
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
 
 
 class _HistogramText:
@@ -117,7 +122,8 @@ class SeriesText:
 def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
                     headers: Mapping[MetricSpec, str],
                     reason_prefixes: Mapping[tuple[MetricSpec, str], str],
-                    folded_prefix: str, openmetrics: bool, out: list[str]) -> None:
+                    folded_prefix: str, openmetrics: bool, out: list[str],
+                    drafter_prefixes: Sequence[str] = ()) -> None:
     """Append the collector's families in catalog order (as collect() yields them)."""
     series = [(texts[method], data) for method, *data in snapshot.series]
     keep = openmetrics  # only OpenMetrics carries exemplars
@@ -155,6 +161,9 @@ def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
             for text, (_l, _a, _d, _e, _c, totals, _p) in series:
                 for prefix, value in zip(text.positions[index], totals[1 + index]):
                     out.append(f"{prefix}{format_count(value)}\n")
+        elif spec is DRAFTER_INFO:
+            for prefix in drafter_prefixes:
+                out.append(f"{prefix}1.0\n")
         elif spec is LABEL_VALUES_FOLDED:
             out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")
         else:  # one of REASON_COUNTERS

@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
                           num_threads=1 if device == "cpu" else None)
     if device == "cuda":
         hooks.warm_up_device(args.batch_size)
+    # What the demo speculates with (spec_decode_drafter_info).
+    hooks.declare_drafter("tiny-gpt", "tiny-gpt+noise" if args.method == "draft_model"
+                          else "prompt-lookup", args.draft_tokens)
     # Ctrl-C and SIGTERM stop the loop between two steps, never inside one: every step
     # either reached the metrics and the trace sink whole, or did not start.
     stop = _StopFlag()

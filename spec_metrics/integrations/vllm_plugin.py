@@ -213,6 +213,10 @@ class RunnerInstruments:
             # the stages on the device, read later without synchronizing.
             timer="cuda" if getattr(runner.device, "type", "cpu") == "cuda" else "cpu",
             **options)
+        # spec_decode_drafter_info: the served model, the draft model (or the method, for
+        # drafters without a model such as n-gram lookup) and K.
+        drafter = getattr(spec, "model", None) if self.method != "ngram" else None
+        self.hooks.declare_drafter(_model_name(vllm_config), str(drafter or self.method), k)
         host = environ.get(HOST_ENV) or "127.0.0.1"
         port = int(environ.get(PORT_ENV) or DEFAULT_PORT) + self.rank
         try:

@@ -41,6 +41,8 @@ STEP_HIST = catalog.STEP_DURATION
 ACC_LEN_HIST = catalog.ACCEPTED_LENGTH
 DRAFT_LEN_HIST = catalog.DRAFT_LENGTH
 PLAIN_STEPS = catalog.STEPS_WITHOUT_DRAFTS
+DRAFTER_INFO = catalog.DRAFTER_INFO
+DRAFTER_LABELS = "method, target, drafter, num_speculative_tokens"
 DRAFTS = catalog.DRAFTS
 DRAFT_TOKENS = catalog.DRAFT_TOKENS
 ACCEPTED_TOKENS = catalog.ACCEPTED_TOKENS
@@ -270,7 +272,14 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
     mean_k = (f"{q.rate(DRAFT_LEN_HIST.name, 'method', '_sum')} / "
               f"({q.rate(DRAFT_LEN_HIST.name, 'method', '_count')} > 0)")
     no_draft_requests = q.rate(DRAFT_LEN_HIST.name, "method", "_bucket", le="0.0")
+    drafter = f"max by ({DRAFTER_LABELS}) ({q.sel(DRAFTER_INFO.name)})"
     rows.append(("Draft length (K)", [
+        _timeseries("Drafter and K",
+                    f"`{DRAFTER_INFO.name}`: the target, drafter and K each method declared "
+                    "(one line per declaration; a change starts a new line and an annotation "
+                    "on every panel).", "short",
+                    [_target(drafter, "A", "{{method}}: {{drafter}} for {{target}}, "
+                             "K={{num_speculative_tokens}}")], w=24),
         _distribution_panel(
             "Draft-length distribution",
             f"`{DRAFT_LEN_HIST.name}` over the dashboard range: draft tokens proposed per "
@@ -324,7 +333,8 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
             .tags(["spec_metrics", "speculative-decoding", "llm-inference"])
             .refresh("30s").time("now-30m", "now").timezone("browser")
             .tooltip(g.dm.DashboardCursorSync.CROSSHAIR).editable()
-            .variables(_variables(const_labels)))
+            .variables(_variables(const_labels))
+            .annotation(_drafter_change_annotation(q)))
     panel_id = 0
     for title, panels in rows:
         panel_id += 1
@@ -333,6 +343,19 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
             panel_id += 1
             dash = dash.with_panel(panel.id(panel_id))
     return json.loads(json.dumps(dash.build(), cls=g.JSONEncoder))
+
+
+def _drafter_change_annotation(q: _Queries) -> Any:
+    """A mark where a method's declared drafter, target or K appears that was not there a
+    minute before."""
+    g = _sdk()
+    sel = q.sel(DRAFTER_INFO.name)
+    expr = (f"count by ({DRAFTER_LABELS}) ({sel}) unless "
+            f"count by ({DRAFTER_LABELS}) ({sel} offset 1m)")
+    return (g.db.AnnotationQuery().name("Drafter changes").datasource(_ds()).enable(True)
+            .icon_color("orange").expr(expr).step("30s")
+            .title_format("{{method}}: {{drafter}}, K={{num_speculative_tokens}}")
+            .text_format("target {{target}}"))
 
 
 def _distribution_panel(title: str, description: str, target: Any) -> Any:

@@ -143,6 +143,9 @@ def ngram_runs(models, tmp_path_factory, receiver) -> dict[str, dict[str, Any]]:
 
 def test_ngram_counts_equal_vllms_truth(ngram_runs):
     check_counts(ngram_runs["on"], "ngram")
+    info = series(ngram_runs["on"]["metrics_openmetrics"], "spec_decode_drafter_info")
+    assert [(d["method"], d["drafter"], d["num_speculative_tokens"])
+            for d in map(dict, info)] == [("ngram", "ngram", "3")]
 
 
 def test_ngram_one_verify_and_one_draft_per_iteration(ngram_runs):
@@ -229,6 +232,9 @@ def test_model_drafters(models, tmp_path_factory, method):
         "SPEC_METRICS_VLLM": "1", "SPEC_METRICS_PORT": str(port)}, port)
     check_counts(result, method)
     check_stages(result, method)
+    info = series(result["metrics_openmetrics"], "spec_decode_drafter_info")
+    assert [(d["method"], d["drafter"], d["num_speculative_tokens"])
+            for d in map(dict, info)] == [(method, str(models / method), "3")]
     if method == "draft_model":  # the noisy copy agrees with the target often
         assert truth(result)["accepted_tokens"] > 0
 
