@@ -155,6 +155,9 @@ class ModelDrafter:
     @torch.no_grad()
     def propose(self, view: BatchView, k: int) -> Proposal:
         tok = view.pending
+        if k == 0:  # a plain decode step: the draft cache still takes the pending token
+            self.model(tok[:, None], self.cache, view.lens, 0, view.kv_bound + 1)
+            return Proposal(tok.new_zeros((tok.shape[0], 0)), None)
         greedy = view.temperature <= 0
         out, qs = [], []
         for i in range(k):
@@ -182,6 +185,8 @@ class ModelDrafter:
         being overwritten.
         """
         k = prop.tokens.shape[1]
+        if k == 0:  # nothing was drafted: propose() cached the pending token
+            return
         self.model(prop.tokens[:, k - 1:], self.cache, view.lens + k, 0,
                    view.kv_bound + k + 1)
 

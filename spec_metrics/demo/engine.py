@@ -59,6 +59,8 @@ class Engine:
         self.eager = EagerStages(target, drafter, self.tcache, self.acceptor)
         self.graphs: Optional[GraphedStages] = None  # replayed while the batch is full
         if config.cuda_graphs:
+            if config.dynamic_k:
+                raise ValueError("cuda_graphs=True replays a fixed K: not with dynamic_k")
             if config.temperature > 0:
                 raise ValueError("cuda_graphs=True supports greedy decoding (temperature 0)")
             self.graphs = GraphedStages(target, drafter, self.tcache, config.batch_size, k)
@@ -199,7 +201,7 @@ class Engine:
         self._admit()
         if not self.rows:
             return False
-        cfg, h, k = self.cfg, self.hooks, self.cfg.k
+        cfg, h, k = self.cfg, self.hooks, self.step_k()
         full = self.graphs is not None and len(self.rows) == cfg.batch_size
         stages = self.graphs if full else self.eager
         view = BatchView(self.pending, self.lens, max(len(r.context) for r in self.rows) - 1,
@@ -235,18 +237,29 @@ class Engine:
         # The one host sync per step: continuous batching needs the emitted
         # tokens on the host to detect EOS / length and to admit new requests.
         packed = verified.packed.cpu()
-        self._bookkeep(packed, prop)
+        self._bookkeep(packed, prop, k)
         return True
 
-    def _bookkeep(self, packed: torch.Tensor, prop: Proposal) -> None:
-        c, k, B = self.counters, self.cfg.k, packed.shape[0]
+    def step_k(self) -> int:
+        """K for this step: the configured K, or with dynamic_k, K while at most half the
+        batch runs, falling linearly to 0 (no drafts) when the batch is full."""
+        k = self.cfg.k
+        if not self.cfg.dynamic_k:
+            return k
+        fill = len(self.rows) / self.cfg.batch_size
+        return round(k * min(1.0, 2.0 * (1.0 - fill)))
+
+    def _bookkeep(self, packed: torch.Tensor, prop: Proposal, k: int) -> None:
+        c, B = self.counters, packed.shape[0]
         acc = packed[:, 0]
         n_draft = torch.tensor(prop.lengths_host) if prop.lengths_host is not None \
             else torch.full((B,), k)
-        pos = torch.arange(k)
+        pos = torch.arange(self.cfg.k)
         c.steps += 1
         c.verified += B
-        c.drafts += int((n_draft > 0).sum())
+        drafts = int((n_draft > 0).sum())
+        c.drafts += drafts
+        c.steps_without_drafts += drafts == 0
         c.draft_tokens += int(n_draft.sum())
         c.accepted_tokens += int(acc.sum())
         c.emitted_tokens += int(acc.sum()) + B

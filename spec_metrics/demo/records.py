@@ -21,6 +21,9 @@ class EngineConfig:
     seed: int = 0
     keep_finished: int = 10_000  # finished requests kept for inspection
     cuda_graphs: bool = False  # replay captured decode stages (CUDA, greedy, model drafter)
+    # Dynamic speculation: K per step falls as the batch fills, from k at half the batch or
+    # less to 0 (plain decode steps) when it is full.
+    dynamic_k: bool = False
 
 
 @dataclass
@@ -53,6 +56,7 @@ class SpecCounters:
     requests_finished: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)  # #req with accepted > p
     draft_tokens_per_pos: list[int] = field(default_factory=list)  # #req with drafts > p
+    steps_without_drafts: int = 0  # verify passes in which no request had a draft token
 
     def __post_init__(self) -> None:
         self.accepted_per_pos = self.accepted_per_pos or [0] * self.k

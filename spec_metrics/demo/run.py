@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of ordinary steps traced; outliers always are")
     parser.add_argument("--arrival-rate", type=float, default=50.0,
                         help="Poisson request arrivals per second (default 50)")
+    parser.add_argument("--dynamic-k", action="store_true",
+                        help="dynamic speculation: K per step falls as the batch fills, to 0 "
+                             "(plain decode steps) with a full batch")
     parser.add_argument("--traces-file", metavar="PATH",
                         help="write spans as OTLP JSON lines to PATH")
     parser.add_argument("--otlp-endpoint", metavar="URL",
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"serving {server.url} (OpenMetrics with exemplars when asked); device {device}")
     config = EngineConfig(batch_size=args.batch_size, k=args.draft_tokens,
                           temperature=args.temperature, arrival_rate=args.arrival_rate,
-                          seed=args.seed)
+                          seed=args.seed, dynamic_k=args.dynamic_k)
     say("loading the models (the first run trains them, ~20 s, then caches them)")
     engine = build_engine("model" if args.method == "draft_model" else "ngram",
                           device=device, hooks=hooks, config=config, seed=args.seed,

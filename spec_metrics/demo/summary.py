@@ -69,6 +69,9 @@ class DemoSummary:
             f"acceptance rate       {counters.acceptance_rate:.3f} "
             f"({counters.accepted_tokens} of {counters.draft_tokens} draft tokens)",
             f"mean accepted length  {mean_length:.2f} tokens per verify (bonus included)",
+            f"draft tokens/request  {counters.draft_tokens / counters.verified:.2f} "
+            f"(steps without drafts: {counters.steps_without_drafts})"
+            if counters.verified else "draft tokens/request  -",
         ]
         by_position = [
             f"{p}: {a / d:.2f}" if d else f"{p}: -"

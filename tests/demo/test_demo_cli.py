@@ -154,6 +154,19 @@ def test_demo_ctrl_c_prints_summary_and_flushes_spans(tmp_path, target):
     assert "spans exported        " in stdout and "(lost 0: none)" in stdout
 
 
+def test_demo_dynamic_k_runs_plain_decode_steps_when_the_batch_is_full(tmp_path, target):
+    # Arrivals far above what the engine serves keep the batch full: K falls to 0.
+    process, port, traces = _start(tmp_path, "--duration", "3", "--dynamic-k",
+                                   "--arrival-rate", "2000", "--batch-size", "4")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    line = [x for x in stdout.splitlines() if x.startswith("draft tokens/request")][0]
+    per_request = float(line.split()[2])
+    plain = int(line.split("steps without drafts: ")[1].rstrip(")"))
+    steps = int(stdout.split("\nsteps ")[1].split()[0])
+    assert 0 < plain <= steps and per_request < 4
+
+
 def test_demo_rejects_bad_flags():
     result = subprocess.run([sys.executable, "-m", "spec_metrics", "demo", "--duration", "0",
                              "--sample-ratio", "2"], capture_output=True, text=True)
@@ -166,7 +179,8 @@ def test_demo_help_lists_every_flag():
                             capture_output=True, text=True, check=True)
     for option in ["--duration", "--host", "--port", "--method", "--batch-size",
                    "--draft-tokens", "--device", "--temperature", "--seed", "--sample-ratio",
-                   "--traces-file", "--otlp-endpoint", "--collapse-at", "--spike-every"]:
+                   "--traces-file", "--otlp-endpoint", "--collapse-at", "--spike-every",
+                   "--dynamic-k"]:
         assert option in result.stdout
 
 

@@ -65,3 +65,32 @@ def test_reference_is_consistent_with_cached_forward(target: GPT) -> None:
         out = target(rest, cache, start, 0, max(cut) + 10)
     for i, c in enumerate(cut):
         torch.testing.assert_close(out[i], full[i, c:c + 10], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_greedy_identity_with_dynamic_k(target: GPT, prompts: list[list[int]],
+                                        reference: list[list[int]], kind: str) -> None:
+    """K falls as the batch fills (0 with a full batch: plain decode steps, where the draft
+    model still caches the pending token) and rises as it drains: same output."""
+    cfg = EngineConfig(batch_size=3, k=3, arrival_rate=None, num_requests=0, clock="virtual",
+                       prompt_len=(1, 64), max_new_tokens=(1, MAX_NEW), dynamic_k=True)
+    drafter = ModelDrafter(target) if kind == "model" else NgramDrafter()
+    eng = Engine(target, drafter, cfg)
+    reqs = [eng.submit(p, MAX_NEW) for p in prompts]
+    seen = []
+    original = eng.step_k
+
+    def record() -> int:
+        seen.append(original())
+        return seen[-1]
+
+    eng.step_k = record  # type: ignore[method-assign]
+    eng.run()
+    assert [r.output for r in reqs] == reference
+    assert {0, 3} <= set(seen) <= {0, 2, 3}  # full: 0; 2 of 3 rows: 2; 1 of 3: K
+    c = eng.counters
+    if kind == "model":  # drafts whenever K > 0
+        assert 0 < c.steps_without_drafts == seen.count(0) < c.steps
+        assert c.drafts > 0 and c.accepted_tokens > 0
+    else:  # also steps where the lookup found nothing for any request
+        assert seen.count(0) <= c.steps_without_drafts < c.steps

@@ -22,16 +22,18 @@ def _value(families, family, sample, **labels):
     return values[0]
 
 
-@pytest.mark.parametrize("drafter,method,temperature", [
-    ("model", "draft_model", 0.0), ("model", "draft_model", 1.0), ("ngram", "ngram", 0.0)])
-def test_metrics_equal_engine_counters(target, drafter, method, temperature):
+@pytest.mark.parametrize("drafter,method,temperature,dynamic_k", [
+    ("model", "draft_model", 0.0, False), ("model", "draft_model", 1.0, False),
+    ("ngram", "ngram", 0.0, False), ("model", "draft_model", 1.0, True)])
+def test_metrics_equal_engine_counters(target, drafter, method, temperature, dynamic_k):
     registry, exporter = CollectorRegistry(), InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     hooks = spec_metrics.SpecDecodeHooks(method, registry=registry, tracer_provider=provider,
                                          trace_ratio=0.2, max_draft_tokens=8, strict=True)
     engine = build_engine(drafter, hooks=hooks, seed=3, config=EngineConfig(
-        batch_size=6, k=4, temperature=temperature, clock="virtual", seed=3))
+        batch_size=6, k=4, temperature=temperature, clock="virtual", seed=3,
+        dynamic_k=dynamic_k))
     engine.collapse()  # a mix of acceptance levels: run half collapsed
     counters = engine.run(steps=20)
     engine.restore()
@@ -55,6 +57,14 @@ def test_metrics_equal_engine_counters(target, drafter, method, temperature):
         assert _value(families, "spec_decode_draft_tokens_per_position",
                       "spec_decode_draft_tokens_per_position_total", position=str(p),
                       **m) == counters.draft_tokens_per_pos[p]
+    assert _value(families, "spec_decode_steps_without_drafts",
+                  "spec_decode_steps_without_drafts_total", **m) == counters.steps_without_drafts
+    assert _value(families, "spec_decode_draft_length", "spec_decode_draft_length_count",
+                  **m) == counters.verified
+    assert _value(families, "spec_decode_draft_length", "spec_decode_draft_length_sum",
+                  **m) == counters.draft_tokens
+    if dynamic_k:  # the arrivals fill and drain the batch: K moves, plain steps happen
+        assert 0 < counters.steps_without_drafts < counters.steps
     # accepted length is counted over drafts (requests that had draft tokens), like vLLM
     assert _value(families, "spec_decode_accepted_length", "spec_decode_accepted_length_count",
                   **m) == counters.drafts
