@@ -8,6 +8,7 @@ of the model cache key, so a different Python simply retrains).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import inspect
@@ -174,3 +175,20 @@ def load_corpus() -> Corpus:
     stream = tuple(t for d in encoded for t in d)
     digest = hashlib.sha256("\x00".join(docs).encode("utf-8", "replace")).hexdigest()
     return Corpus(tokenizer=tok, documents=encoded, stream=stream, digest=digest)
+
+
+def base64_prompt(corpus: Corpus, rng: random.Random, min_len: int, max_len: int) -> list[int]:
+    """High-entropy text (base64 of random bytes, as in logs, tokens and keys): no model
+    predicts it, so drafts of its continuation are accepted far less often than on prose."""
+    length = rng.randint(min_len, max_len)
+    raw = bytes(rng.randrange(256) for _ in range(length))
+    return corpus.tokenizer.encode(base64.b64encode(raw).decode()[:length])
+
+
+def prose_prompt(corpus: Corpus, rng: random.Random, min_len: int, max_len: int) -> list[int]:
+    return corpus.sample_prompt(rng, min_len, max_len)
+
+
+# Workload classes of the demo's requests, by name: prompt generators with visibly different
+# acceptance (greedy, default drafter: ~0.85 on prose, ~0.55 on base64).
+WORKLOADS = {"prose": prose_prompt, "base64": base64_prompt}

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from spec_metrics.demo.corpus import load_corpus
+from spec_metrics.demo.distill import target_text
 from spec_metrics.demo.models import GPT, KVCache, make_draft_model, renoise_, to_device
 from spec_metrics.demo.sampling import probs
 
@@ -27,24 +28,6 @@ from spec_metrics.demo.sampling import probs
 # the default workload (k=4): greedy acceptance 0.85 (Python 3.11 corpus) and
 # 0.95 (3.12), temperature 1: 0.82 and 0.75; the trained targets differ.
 DEFAULT_CALIBRATION = 0.7
-
-
-@torch.no_grad()
-def _own_greedy_text(target: GPT, n: int, prompt_len: int, gen_len: int,
-                     seed: int) -> torch.Tensor:
-    """[n, prompt_len + gen_len] corpus prompts + the target's greedy continuation."""
-    rng = random.Random(seed)
-    corpus = load_corpus()
-    x = torch.tensor([corpus.sample_prompt(rng, prompt_len, prompt_len) for _ in range(n)],
-                     device=target.device)
-    cache = target.new_cache(n, prompt_len + gen_len)
-    start = torch.zeros(n, dtype=torch.long, device=target.device)
-    target(x[:, :-1], cache, start, 0, prompt_len - 1)
-    toks, cur = [x], x[:, -1:]
-    for i in range(gen_len):
-        cur = target(cur, cache, start + prompt_len - 1 + i, 0, prompt_len + i).argmax(-1)
-        toks.append(cur)
-    return torch.cat(toks, dim=1)
 
 
 def _corpus_windows(n: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -59,7 +42,7 @@ _CALIBRATED: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary(
 
 
 def calibrate_sigma(target: GPT, acceptance: float = DEFAULT_CALIBRATION, k: int = 4,
-                    seed: int = 0, iters: int = 10) -> float:
+                    seed: int = 0, iters: int = 10, base: Optional[GPT] = None) -> float:
     """Largest noise scale whose drafter still reaches a proxy greedy acceptance.
 
     Proxy: with per-token top-1 agreement a between draft and target, greedy
@@ -71,25 +54,31 @@ def calibrate_sigma(target: GPT, acceptance: float = DEFAULT_CALIBRATION, k: int
     versions (the docstring corpus, hence the trained target, differ), so the
     default drafter is calibrated; bisection with the noise direction fixed
     by ``seed`` takes a fraction of a second.
+
+    ``base``: the model the drafter is a noisy copy of (default: the target itself); the
+    noise is relative to its weights. A base that cannot reach ``acceptance`` even without
+    noise gets sigma ~0.
     """
-    key = (acceptance, k, seed, iters)
+    base = target if base is None else base
+    key = (id(base), acceptance, k, seed, iters)
     memo = _CALIBRATED.setdefault(target, {})
     if key not in memo:
-        memo[key] = _bisect_sigma(target, acceptance, k, seed, iters)
+        memo[key] = _bisect_sigma(target, base, acceptance, k, seed, iters)
     return memo[key]
 
 
 @torch.no_grad()
-def _bisect_sigma(target: GPT, acceptance: float, k: int, seed: int, iters: int) -> float:
+def _bisect_sigma(target: GPT, base: GPT, acceptance: float, k: int, seed: int,
+                  iters: int) -> float:
     ctx = 32  # score only positions with some context
-    texts = [_own_greedy_text(target, 16, ctx, 48, seed),
+    texts = [target_text(target, 16, ctx, 48, seed),
              _corpus_windows(16, ctx + 48, seed, target.device)]
     wants = [target(t).argmax(-1)[:, ctx - 1:] for t in texts]
-    draft = make_draft_model(target, 0.0, seed)
+    draft = make_draft_model(base, 0.0, seed)
     lo, hi = 0.0, 1.0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        renoise_(draft, target, mid, seed)
+        renoise_(draft, base, mid, seed)
         proxy = 1.0
         for t, want in zip(texts, wants):
             a = float((draft(t).argmax(-1)[:, ctx - 1:] == want).float().mean())
@@ -119,8 +108,10 @@ class Proposal:
 
 
 class ModelDrafter:
-    """Draft model = target with relative Gaussian weight noise of scale sigma.
+    """Draft model = ``base`` with relative Gaussian weight noise of scale sigma.
 
+    ``base`` is the target itself (a noisy copy: as costly per token as the target) unless
+    given, e.g. the small distilled model of ``distill.load_or_distill`` that the demo uses.
     It keeps its own KV cache, indexed with the engine's per-row lengths.
     Proposing k tokens runs k single-token forwards over the whole batch.
     """
@@ -129,15 +120,16 @@ class ModelDrafter:
 
     def __init__(self, target: GPT, sigma: Optional[float] = None, seed: int = 0,
                  collapse_sigma: float = 4.0, calibrate_to: float = DEFAULT_CALIBRATION,
-                 k: int = 4) -> None:
+                 k: int = 4, base: Optional[GPT] = None) -> None:
         """``sigma=None``: pick sigma with ``calibrate_sigma(..., calibrate_to, k)``."""
         self.target = target
+        self.base = target if base is None else base
         self.seed = seed
         self.collapse_sigma = collapse_sigma
         if sigma is None:
-            sigma = calibrate_sigma(target, calibrate_to, k=k, seed=seed)
+            sigma = calibrate_sigma(target, calibrate_to, k=k, seed=seed, base=self.base)
         self.sigma = sigma
-        self.model = make_draft_model(target, sigma, seed)
+        self.model = make_draft_model(self.base, sigma, seed)
         self.cache: Optional[KVCache] = None
 
     def allocate(self, rows: int, seq_cap: int) -> None:
@@ -191,11 +183,11 @@ class ModelDrafter:
                    view.kv_bound + k + 1)
 
     def collapse(self, sigma: Optional[float] = None) -> None:
-        renoise_(self.model, self.target, self.collapse_sigma if sigma is None else sigma,
+        renoise_(self.model, self.base, self.collapse_sigma if sigma is None else sigma,
                  self.seed + 1)
 
     def restore(self) -> None:
-        renoise_(self.model, self.target, self.sigma, self.seed)
+        renoise_(self.model, self.base, self.sigma, self.seed)
 
 
 def ngram_lookup(context: list[int], k: int, max_n: int, min_n: int) -> list[int]:
@@ -235,6 +227,7 @@ class NgramDrafter:
         self.max_n, self.min_n = max_n, min_n
         self.vocab_size = vocab_size
         self.collapsed = False
+        self.noise: Optional[float] = None
         self._rng = random.Random(seed)
 
     def allocate(self, rows: int, seq_cap: int) -> None:
@@ -247,11 +240,15 @@ class NgramDrafter:
         pass
 
     def propose(self, view: BatchView, k: int) -> Proposal:
-        if self.collapsed:
+        if self.collapsed and self.noise is None:
             drafts = [[self._rng.randrange(self.vocab_size) for _ in range(k)]
                       for _ in view.contexts]
         else:
             drafts = [ngram_lookup(c, k, self.max_n, self.min_n) for c in view.contexts]
+            if self.collapsed:  # a weaker drafter: some proposals replaced at random
+                rng, noise, vocab = self._rng, self.noise, self.vocab_size
+                drafts = [[rng.randrange(vocab) if rng.random() < noise else t for t in d]
+                          for d in drafts]
         lengths = [len(d) for d in drafts]
         host = torch.tensor([[len(d)] + d + [0] * (k - len(d)) for d in drafts], dtype=torch.long)
         dev = to_device(host, view.pending.device)  # one async copy for both
@@ -261,7 +258,38 @@ class NgramDrafter:
         pass  # the lookup reads the host context, which the engine updates
 
     def collapse(self, sigma: Optional[float] = None) -> None:
-        self.collapsed = True
+        """None: propose random tokens only; a fraction in (0, 1): replace that share of
+        the looked-up tokens with random ones (a weaker drafter)."""
+        self.collapsed, self.noise = True, sigma
 
     def restore(self) -> None:
-        self.collapsed = False
+        self.collapsed, self.noise = False, None
+
+
+class NoDrafter:
+    """No drafter: every step of its engine is a plain decode step
+    (K = 0), the baseline that speculation is measured against (``demo --baseline``)."""
+
+    deterministic = True
+    never_drafts = True  # the engine runs every step with K = 0
+
+    def allocate(self, rows: int, seq_cap: int) -> None:
+        pass
+
+    def prefill(self, row0: int, tokens: torch.Tensor, n_ctx: int) -> None:
+        pass
+
+    def compact(self, keep: torch.Tensor) -> None:
+        pass
+
+    def propose(self, view: BatchView, k: int) -> Proposal:
+        return Proposal(view.pending.new_zeros((view.pending.shape[0], 0)), None)
+
+    def extend(self, view: BatchView, accepted: torch.Tensor, prop: Proposal) -> None:
+        pass
+
+    def collapse(self, sigma: Optional[float] = None) -> None:
+        pass
+
+    def restore(self) -> None:
+        pass

@@ -9,14 +9,18 @@ before ``begin_step`` and is not part of any hooked stage.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import random
 import time
+from time import perf_counter  # not via `time`: tests replace that module's clock
 from typing import Any, Deque, Optional, Sequence
 
+import numpy as np
 import torch
 
-from spec_metrics.demo.corpus import Corpus, load_corpus
+from spec_metrics.demo.corpus import WORKLOADS, Corpus, load_corpus
 from spec_metrics.demo.drafters import BatchView, Proposal
 from spec_metrics.demo.models import GPT, to_device
 from spec_metrics.demo.records import EngineConfig, Request, SpecCounters
@@ -59,8 +63,9 @@ class Engine:
         self.eager = EagerStages(target, drafter, self.tcache, self.acceptor)
         self.graphs: Optional[GraphedStages] = None  # replayed while the batch is full
         if config.cuda_graphs:
-            if config.dynamic_k:
-                raise ValueError("cuda_graphs=True replays a fixed K: not with dynamic_k")
+            if config.dynamic_k or config.plain or getattr(drafter, "never_drafts", False):
+                raise ValueError("cuda_graphs=True replays a fixed K: not with dynamic_k "
+                                 "or plain")
             if config.temperature > 0:
                 raise ValueError("cuda_graphs=True supports greedy decoding (temperature 0)")
             self.graphs = GraphedStages(target, drafter, self.tcache, config.batch_size, k)
@@ -78,6 +83,12 @@ class Engine:
         self._deadline: Optional[float] = None  # time.monotonic() bound set by run()
         self._vnow = 0.0
         self._spike_ms, self._spike_left = 0.0, None
+        self._draft_slowdown = 1.0
+        # A drafter that never drafts (NoDrafter) makes a plain engine whatever the config.
+        self._plain = config.plain or getattr(drafter, "never_drafts", False)
+        self.set_workloads(config.workloads)
+        # (rows, decode seconds, emitted tokens) per step when a list: demo --baseline.
+        self.step_log: Optional[list[tuple[int, float, int]]] = None
 
     # ------------------------------------------------------------ controls
     def collapse(self, sigma: Optional[float] = None) -> None:
@@ -93,6 +104,13 @@ class Engine:
 
     def clear_spike(self) -> None:
         self.set_spike(0.0)
+
+    def set_draft_slowdown(self, factor: float) -> None:
+        """From now on the draft stage takes ``factor`` times as long (a host sleep for the
+        extra time, as a drafter on a contended device would); 1 restores it."""
+        if factor < 1:
+            raise ValueError(f"draft slowdown factor must be >= 1, got {factor}")
+        self._draft_slowdown = float(factor)
 
     def submit(self, prompt: Sequence[int], max_new_tokens: int) -> Request:
         """Queue an explicit request (in addition to / instead of the Poisson stream)."""
@@ -121,10 +139,27 @@ class Engine:
         n = self.cfg.num_requests
         return n is None or self._n_created < n
 
+    def set_workloads(self, workloads: Sequence[tuple[str, float]]) -> None:
+        """Shares of the workload classes of requests generated from now on."""
+        unknown = [name for name, _ in workloads if name not in WORKLOADS]
+        if unknown or not workloads or any(share < 0 for _, share in workloads):
+            raise ValueError(f"workloads must be (name, share >= 0) pairs with names in "
+                             f"{sorted(WORKLOADS)}; got {list(workloads)}")
+        total = sum(share for _, share in workloads)
+        if total <= 0:
+            raise ValueError("workload shares must not all be 0")
+        self._workload_names = [name for name, _ in workloads]
+        self._workload_cum = list(itertools.accumulate(share / total for _, share in workloads))
+
     def _new_request(self, arrival: float) -> None:
         lo, hi = self.cfg.prompt_len
-        prompt = self.corpus.sample_prompt(self._rng, lo, hi)
-        self.submit(prompt, self._rng.randint(*self.cfg.max_new_tokens)).arrival_time = arrival
+        name = self._workload_names[0]
+        if len(self._workload_names) > 1:  # one draw only when there is a choice
+            index = bisect.bisect_right(self._workload_cum, self._rng.random())
+            name = self._workload_names[min(index, len(self._workload_names) - 1)]
+        prompt = WORKLOADS[name](self.corpus, self._rng, lo, hi)
+        req = self.submit(prompt, self._rng.randint(*self.cfg.max_new_tokens))
+        req.arrival_time, req.workload = arrival, name
 
     def _arrivals(self) -> None:
         now = self.now()
@@ -201,6 +236,7 @@ class Engine:
         self._admit()
         if not self.rows:
             return False
+        started = perf_counter()
         cfg, h, k = self.cfg, self.hooks, self.step_k()
         full = self.graphs is not None and len(self.rows) == cfg.batch_size
         stages = self.graphs if full else self.eager
@@ -210,7 +246,10 @@ class Engine:
         if h is not None:
             h.begin_step(request_ids=[r.id for r in self.rows], traceparents=None)
             h.draft_start()
+        drafting = perf_counter()
         prop: Proposal = stages.draft(view, k)
+        if self._draft_slowdown > 1:
+            time.sleep((self._draft_slowdown - 1) * (perf_counter() - drafting))
         if h is not None:
             h.draft_end()
             h.verify_start()
@@ -237,36 +276,50 @@ class Engine:
         # The one host sync per step: continuous batching needs the emitted
         # tokens on the host to detect EOS / length and to admit new requests.
         packed = verified.packed.cpu()
+        emitted = self.counters.emitted_tokens
         self._bookkeep(packed, prop, k)
+        seconds = perf_counter() - started
+        self.counters.decode_seconds += seconds
+        if self.step_log is not None:
+            self.step_log.append((packed.shape[0], seconds,
+                                  self.counters.emitted_tokens - emitted))
         return True
 
     def step_k(self) -> int:
         """K for this step: the configured K, or with dynamic_k, K while at most half the
-        batch runs, falling linearly to 0 (no drafts) when the batch is full."""
+        batch runs, falling linearly to 0 (no drafts) when the batch is full; 0 for a plain
+        engine and for every plain_every-th step (the measured baseline)."""
         k = self.cfg.k
+        every = self.cfg.plain_every
+        if self._plain or (every and self.counters.steps % every == every - 1):
+            return 0
         if not self.cfg.dynamic_k:
             return k
         fill = len(self.rows) / self.cfg.batch_size
         return round(k * min(1.0, 2.0 * (1.0 - fill)))
 
     def _bookkeep(self, packed: torch.Tensor, prop: Proposal, k: int) -> None:
+        # numpy on the host copy: a dozen tiny torch ops here cost more than the plain decode
+        # step's own bookkeeping should (it is part of every step, speculative or not).
         c, B = self.counters, packed.shape[0]
-        acc = packed[:, 0]
-        n_draft = torch.tensor(prop.lengths_host) if prop.lengths_host is not None \
-            else torch.full((B,), k)
-        pos = torch.arange(self.cfg.k)
+        acc = packed.numpy()[:, 0]
+        n_draft = (np.asarray(prop.lengths_host) if prop.lengths_host is not None
+                   else np.full(B, k))
+        pos = np.arange(self.cfg.k)
         c.steps += 1
         c.verified += B
-        drafts = int((n_draft > 0).sum())
+        drafts = int(np.count_nonzero(n_draft))
         c.drafts += drafts
         c.steps_without_drafts += drafts == 0
         c.draft_tokens += int(n_draft.sum())
-        c.accepted_tokens += int(acc.sum())
-        c.emitted_tokens += int(acc.sum()) + B
-        for p, (a_p, d_p) in enumerate(zip((acc[:, None] > pos).sum(0).tolist(),
-                                           (n_draft[:, None] > pos).sum(0).tolist())):
-            c.accepted_per_pos[p] += a_p
-            c.draft_tokens_per_pos[p] += d_p
+        accepted = int(acc.sum())
+        c.accepted_tokens += accepted
+        c.emitted_tokens += accepted + B
+        if drafts:
+            for p, (a_p, d_p) in enumerate(zip((acc[:, None] > pos).sum(0).tolist(),
+                                               (n_draft[:, None] > pos).sum(0).tolist())):
+                c.accepted_per_pos[p] += a_p
+                c.draft_tokens_per_pos[p] += d_p
         rows, done, now = packed.tolist(), [], self.now()
         for i, (req, row) in enumerate(zip(self.rows, rows)):
             new = row[1:row[0] + 2]

@@ -6,7 +6,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from spec_metrics.demo.drafters import ModelDrafter, NgramDrafter
+from spec_metrics.demo.distill import load_or_distill
+from spec_metrics.demo.drafters import ModelDrafter, NgramDrafter, NoDrafter
 from spec_metrics.demo.engine import Engine
 from spec_metrics.demo.models import GPT, GPTConfig
 from spec_metrics.demo.records import EngineConfig, SpecCounters
@@ -37,11 +38,15 @@ def build_engine(drafter: str = "model", sigma: Optional[float] = None,
                  config: Optional[EngineConfig] = None, model_cfg: Optional[GPTConfig] = None,
                  train_cfg: Optional[TrainConfig] = None, ngram: tuple[int, int] = (6, 2),
                  seed: int = 0, num_threads: Optional[int] = None,
-                 verbose: bool = False) -> Engine:
-    """Demo engine: cached/trained default target + "model" or "ngram" drafter.
+                 verbose: bool = False, draft_base: str = "distilled") -> Engine:
+    """Demo engine: cached/trained default target + "model", "ngram" or "none" drafter
+    ("none": plain greedy decoding, every step K = 0; the baseline speculation is
+    measured against).
 
-    ``sigma=None`` calibrates the draft noise (see ``calibrate_sigma``) so the
-    default greedy acceptance is ~0.85-0.95 whatever the trained target.
+    ``draft_base``: what the "model" drafter is made from: "distilled" (default), a small
+    model distilled from the target (see distill.py), so speculation pays; "target", a
+    noisy copy of the target, as costly per token as the target itself.
+    ``sigma=None`` calibrates the draft noise (see ``calibrate_sigma``).
 
     ``num_threads``: torch intra-op threads for decoding, set after training.
     The demo should pass 1: per-step ops are tiny, a second thread barely
@@ -54,10 +59,16 @@ def build_engine(drafter: str = "model", sigma: Optional[float] = None,
         torch.set_num_threads(num_threads)
     if drafter == "model":
         k = (config or EngineConfig()).k
-        d: Any = ModelDrafter(target, sigma=sigma, seed=seed, k=k)
+        if draft_base not in ("distilled", "target"):
+            raise ValueError(f"unknown draft_base {draft_base!r} (expected 'distilled' or "
+                             "'target')")
+        base = load_or_distill(target, verbose=verbose) if draft_base == "distilled" else None
+        d: Any = ModelDrafter(target, sigma=sigma, seed=seed, k=k, base=base)
     elif drafter == "ngram":
         d = NgramDrafter(max_n=ngram[0], min_n=ngram[1], vocab_size=model_cfg.vocab_size,
                          seed=seed)
+    elif drafter == "none":
+        d = NoDrafter()
     else:
-        raise ValueError(f"unknown drafter {drafter!r} (expected 'model' or 'ngram')")
+        raise ValueError(f"unknown drafter {drafter!r} (expected 'model', 'ngram' or 'none')")
     return Engine(target, d, config, hooks=hooks)

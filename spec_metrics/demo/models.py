@@ -20,7 +20,7 @@ from torch import nn
 class GPTConfig:
     vocab_size: int = 97
     d_model: int = 128
-    n_layer: int = 2
+    n_layer: int = 4
     n_head: int = 4
     max_seq: int = 192
     mlp_mult: int = 4

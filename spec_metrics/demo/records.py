@@ -24,6 +24,17 @@ class EngineConfig:
     # Dynamic speculation: K per step falls as the batch fills, from k at half the batch or
     # less to 0 (plain decode steps) when it is full.
     dynamic_k: bool = False
+    # Plain greedy decoding: every step K = 0 (pair with drafters.NoDrafter); the baseline
+    # that `spec-metrics demo --baseline` measures speculation against.
+    plain: bool = False
+    # Every plain_every-th step is a plain decode step (K = 0; 0 = never): a measured
+    # baseline for the payoff estimate (spec_decode_plain_step_* series), at ~1/plain_every
+    # of the speculation's gain.
+    plain_every: int = 0
+    # Workload classes of generated requests and their shares (corpus.WORKLOADS): e.g.
+    # (("prose", 0.75), ("base64", 0.25)). Requests carry the class; the engine passes it to
+    # the hooks as the request group.
+    workloads: tuple[tuple[str, float], ...] = (("prose", 1.0),)
 
 
 @dataclass
@@ -37,6 +48,7 @@ class Request:
     finish_reason: Optional[str] = None  # "length" | "eos"
     output: list[int] = field(default_factory=list)
     context: list[int] = field(default_factory=list)  # prompt + emitted (untruncated)
+    workload: str = "prose"  # the workload class (corpus.WORKLOADS) it was drawn from
 
 
 @dataclass
@@ -57,6 +69,8 @@ class SpecCounters:
     accepted_per_pos: list[int] = field(default_factory=list)  # #req with accepted > p
     draft_tokens_per_pos: list[int] = field(default_factory=list)  # #req with drafts > p
     steps_without_drafts: int = 0  # verify passes in which no request had a draft token
+    # Wall time of decode steps, prefill of joining requests excluded (demo --baseline).
+    decode_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.accepted_per_pos = self.accepted_per_pos or [0] * self.k

@@ -17,6 +17,16 @@ from typing import Any
 __all__ = ["add_arguments", "run"]
 
 DEFAULT_SPIKE_MS = 300.0
+DEFAULT_PLAIN_EVERY = 20
+DEFAULT_DRAFT_SLOWDOWN = 4.0
+# Workload classes (request groups): prose (high acceptance) and base64 (low acceptance).
+BASE64_SHARE = 0.25
+BASE64_SHARE_SHIFTED = 0.7
+# Weight noise of the weaker drafter that --drafter-swap-at switches to, relative to each
+# weight tensor's spread: measured ~0.46 acceptance against ~0.76 for the default drafter on
+# the default workload (a 40% drop).
+SWAP_SIGMA = 0.35
+SWAP_NGRAM_NOISE = 0.25  # with --method ngram: a quarter of looked-up tokens made random
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-k", action="store_true",
                         help="dynamic speculation: K per step falls as the batch fills, to 0 "
                              "(plain decode steps) with a full batch")
+    parser.add_argument("--plain-every", type=int, default=DEFAULT_PLAIN_EVERY, metavar="N",
+                        help="every Nth step is a plain decode step (K = 0): a measured "
+                        f"baseline for the speedup estimate (default {DEFAULT_PLAIN_EVERY}; "
+                        "0: never, the estimate is then an upper bound)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="after the run, time plain greedy decoding of the same workload "
+                        "at the same batch sizes and print the measured speedup next to the "
+                        "hooks' estimate")
+    parser.add_argument("--draft-slowdown-at", type=float, metavar="SECONDS",
+                        help="from then on the draft stage takes --draft-slowdown times as "
+                        "long, as a drafter on a contended device would")
+    parser.add_argument("--draft-slowdown", type=float, default=DEFAULT_DRAFT_SLOWDOWN,
+                        metavar="FACTOR",
+                        help=f"how much slower (default {DEFAULT_DRAFT_SLOWDOWN:g}x)")
+    parser.add_argument("--drafter-swap-at", type=float, metavar="SECONDS",
+                        help="then replace the drafter with a weaker one (acceptance ~40%% "
+                        "lower, still above the low-acceptance alert's threshold) and "
+                        "declare it")
+    parser.add_argument("--mix-shift-at", type=float, metavar="SECONDS",
+                        help=f"then the share of base64 requests (low acceptance) rises from "
+                        f"{BASE64_SHARE * 100:.0f}%% to {BASE64_SHARE_SHIFTED * 100:.0f}%%; "
+                        "each class keeps its own acceptance")
     parser.add_argument("--traces-file", metavar="PATH",
                         help="write spans as OTLP JSON lines to PATH")
     parser.add_argument("--otlp-endpoint", metavar="URL",
@@ -108,16 +140,19 @@ def run(args: argparse.Namespace) -> int:
     say(f"serving {server.url} (OpenMetrics with exemplars when asked); device {device}")
     config = EngineConfig(batch_size=args.batch_size, k=args.draft_tokens,
                           temperature=args.temperature, arrival_rate=args.arrival_rate,
-                          seed=args.seed, dynamic_k=args.dynamic_k)
-    say("loading the models (the first run trains them, ~20 s, then caches them)")
+                          seed=args.seed, dynamic_k=args.dynamic_k,
+                          plain_every=args.plain_every, workloads=_mix(BASE64_SHARE))
+    say("loading the models (the first run trains them, ~45 s, then caches them)")
     engine = build_engine("model" if args.method == "draft_model" else "ngram",
                           device=device, hooks=hooks, config=config, seed=args.seed,
                           num_threads=1 if device == "cpu" else None)
     if device == "cuda":
         hooks.warm_up_device(args.batch_size)
+    if args.baseline:
+        engine.step_log = []
     # What the demo speculates with (spec_decode_drafter_info).
-    hooks.declare_drafter("tiny-gpt", "tiny-gpt+noise" if args.method == "draft_model"
-                          else "prompt-lookup", args.draft_tokens)
+    hooks.declare_drafter("tiny-gpt", _drafter_name(args.method, swapped=False),
+                          args.draft_tokens)
     # Ctrl-C and SIGTERM stop the loop between two steps, never inside one: every step
     # either reached the metrics and the trace sink whole, or did not start.
     stop = _StopFlag()
@@ -134,17 +169,30 @@ def run(args: argparse.Namespace) -> int:
         hooks.flush()
         provider.shutdown()  # every span is in the traces file before we exit
         server.close()
+    measured = None
+    if args.baseline and engine.step_log:
+        say("measuring plain greedy decoding of the same workload (--baseline)")
+        measured = _baseline(engine, config, device, summary)
     print(summary.render(engine.counters, elapsed, args.draft_tokens,
                          skipped=dict(hooks.collector.skipped.counts),
                          withheld=dict(hooks.collector.withheld.counts),
-                         spans=provider.span_export_counts()), flush=True)
+                         spans=provider.span_export_counts(), measured=measured), flush=True)
     return 0
+
+
+def _baseline(engine: Any, config: Any, device: str, summary: Any) -> list[float | None]:
+    from spec_metrics.demo.baseline import measure_plain_costs, measured_speedup
+
+    log = engine.step_log
+    costs = measure_plain_costs((rows for rows, _, _ in log), config, device)
+    bounds = [*summary.phase_starts, len(log)]
+    return [measured_speedup(log[a:b], costs) for a, b in zip(bounds, bounds[1:])]
 
 
 def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
           started: float, stop: "_StopFlag") -> None:
     live = sys.stderr.isatty() and not args.quiet
-    collapsed = False
+    collapsed = slowed = swapped = shifted = False
     next_spike = args.spike_every
     next_status = 0.5
     while stop.signal is None:
@@ -156,6 +204,28 @@ def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
             collapsed = True
             if not args.quiet:
                 sys.stderr.write(f"\n[{elapsed:.1f}s] drafter collapsed\n")
+        if (args.draft_slowdown_at is not None and not slowed
+                and elapsed >= args.draft_slowdown_at):
+            engine.set_draft_slowdown(args.draft_slowdown)
+            slowed = True
+            _phase(engine, summary, f"from {elapsed:.1f} s: draft {args.draft_slowdown:g}x slower")
+            if not args.quiet:
+                sys.stderr.write(f"\n[{elapsed:.1f}s] draft stage {args.draft_slowdown:g}x slower\n")
+        if args.drafter_swap_at is not None and not swapped and elapsed >= args.drafter_swap_at:
+            engine.collapse(SWAP_SIGMA if args.method == "draft_model" else SWAP_NGRAM_NOISE)
+            hooks.declare_drafter("tiny-gpt", _drafter_name(args.method, swapped=True),
+                                  args.draft_tokens)
+            swapped = True
+            _phase(engine, summary, f"from {elapsed:.1f} s: weaker drafter")
+            if not args.quiet:
+                sys.stderr.write(f"\n[{elapsed:.1f}s] drafter swapped for a weaker one\n")
+        if args.mix_shift_at is not None and not shifted and elapsed >= args.mix_shift_at:
+            engine.set_workloads(_mix(BASE64_SHARE_SHIFTED))
+            shifted = True
+            _phase(engine, summary, f"from {elapsed:.1f} s: {BASE64_SHARE_SHIFTED:.0%} base64")
+            if not args.quiet:
+                sys.stderr.write(f"\n[{elapsed:.1f}s] workload mix shifted to "
+                                 f"{BASE64_SHARE_SHIFTED:.0%} base64\n")
         if next_spike is not None and elapsed >= next_spike:
             engine.set_spike(args.spike_ms, steps=1)
             next_spike += args.spike_every
@@ -169,6 +239,22 @@ def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
             next_status = elapsed + 0.5
     if live:
         sys.stderr.write("\n")
+
+
+def _mix(base64_share: float) -> tuple[tuple[str, float], ...]:
+    return (("prose", 1.0 - base64_share), ("base64", base64_share))
+
+
+def _drafter_name(method: str, swapped: bool) -> str:
+    if method == "draft_model":
+        return "tiny-gpt-draft-noisy" if swapped else "tiny-gpt-draft"
+    return "prompt-lookup-random" if swapped else "prompt-lookup"
+
+
+def _phase(engine: Any, summary: Any, name: str) -> None:
+    """A scheduled event starts a new phase of the payoff summary (and of --baseline)."""
+    summary.start_phase(name)
+    summary.phase_starts.append(len(engine.step_log) if engine.step_log is not None else 0)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -187,6 +273,10 @@ def _check(args: argparse.Namespace) -> None:
         problems.append("--spike-every must be > 0")
     if args.slow_ms <= 0:
         problems.append("--slow-ms must be > 0")
+    if args.plain_every < 0 or args.plain_every == 1:
+        problems.append("--plain-every must be 0 (never) or >= 2")
+    if args.draft_slowdown < 1:
+        problems.append("--draft-slowdown must be >= 1")
     if args.arrival_rate <= 0:
         problems.append("--arrival-rate must be > 0")
     if problems:

@@ -13,6 +13,7 @@ import numpy as np
 
 from spec_metrics._core.sinks import StepResult
 from spec_metrics.catalog import STAGES
+from spec_metrics.payoff import PayoffTotals, speedup_estimate
 
 __all__ = ["DemoSummary"]
 
@@ -26,6 +27,13 @@ class DemoSummary:
         self.traced = 0
         self._slowest: list[tuple[float, int, str | None]] = []  # min-heap of the top steps
         self._window = [0, 0]  # accepted, drafted since the last status line
+        # Payoff totals per phase of the run: from the start, then one per scheduled event.
+        self.phases: list[tuple[str, PayoffTotals]] = [("from the start", PayoffTotals())]
+        self.phase_starts: list[int] = [0]  # engine.step_log index where each phase starts
+
+    def start_phase(self, name: str) -> None:
+        """Steps from now on count towards a new phase (e.g. after a draft slowdown)."""
+        self.phases.append((name, PayoffTotals()))
 
     def observe(self, result: StepResult) -> None:
         """The hooks' on_step listener."""
@@ -43,6 +51,27 @@ class DemoSummary:
             self.traced += 1
         self._window[0] += result.accepted_tokens
         self._window[1] += result.draft_tokens
+        if result.step_seconds is not None and result.requests:
+            seconds = result.stage_seconds
+            drafter = sum(s for i, s in enumerate(seconds)
+                          if s is not None and STAGES[i] != "verify")
+            self.phases[-1][1].add_step(result.step_seconds, drafter, result.requests,
+                                        result.accepted_tokens, result.draft_tokens)
+
+    def payoff_lines(self, measured: list[float | None] | None = None) -> list[str]:
+        """One line per phase: the hooks' speedup estimate, and the measured speedup of
+        `demo --baseline` where given (one per phase)."""
+        lines = []
+        for i, (name, totals) in enumerate(self.phases):
+            estimate = speedup_estimate(totals)
+            text = "-" if estimate is None else f"{estimate[0]:.2f}x" + (
+                " (measured baseline)" if estimate[1] == "measured" else " (upper bound)")
+            line = f"  {name:<34} estimate {text}"
+            if measured is not None:
+                value = measured[i]
+                line += f"   measured {'-' if value is None else f'{value:.2f}x'}"
+            lines.append(line)
+        return lines
 
     def status_line(self, elapsed: float, counters: Any) -> str:
         """One line for a terminal; acceptance over the steps since the last line."""
@@ -55,7 +84,8 @@ class DemoSummary:
 
     def render(self, counters: Any, elapsed: float, k: int,
                skipped: dict[str, int] | None = None, withheld: dict[str, int] | None = None,
-               spans: dict[str, int] | None = None) -> str:
+               spans: dict[str, int] | None = None,
+               measured: list[float | None] | None = None) -> str:
         """The summary. `skipped`: steps selected for tracing and not traced, by reason;
         `withheld`: traced steps whose exemplars were withheld, by reason; `spans`: span
         export counts (exported, dropped_<reason>)."""
@@ -79,6 +109,9 @@ class DemoSummary:
                                            counters.draft_tokens_per_pos[:k]))
         ]
         lines.append("acceptance by position " + "  ".join(by_position))
+        lines.append("speedup over plain decoding (hooks' estimate"
+                     + (", measured against plain greedy decoding)" if measured else ")"))
+        lines += self.payoff_lines(measured)
         for stage, values in zip((*STAGES, "step"), (*self.stage_seconds, self.step_seconds)):
             if values:
                 p50, p99 = np.percentile(np.asarray(values), [50, 99]) * 1e3

@@ -33,7 +33,7 @@ def test_metrics_equal_engine_counters(target, drafter, method, temperature, dyn
                                          trace_ratio=0.2, max_draft_tokens=8, strict=True)
     engine = build_engine(drafter, hooks=hooks, seed=3, config=EngineConfig(
         batch_size=6, k=4, temperature=temperature, clock="virtual", seed=3,
-        dynamic_k=dynamic_k))
+        dynamic_k=dynamic_k, arrival_rate=20.0 if dynamic_k else 50.0))
     engine.collapse()  # a mix of acceptance levels: run half collapsed
     counters = engine.run(steps=20)
     engine.restore()
