@@ -37,6 +37,8 @@ __all__ = [
     "SPAN_EXPORT_METRICS",
     "SPAN_DROP_REASONS",
     "OTHER_LABEL_VALUE",
+    "DEFAULT_GROUP",
+    "GROUPED_METRICS",
     "STAGES",
     "DROP_REASONS",
     "SKIP_REASONS",
@@ -79,6 +81,8 @@ DROP_REASONS: dict[str, str] = {
     "pending_overflow": "too many steps waiting for device results; the oldest was dropped",
     "duplicate_logger": "a second vLLM stat logger for the same engine (entry point and "
                         "stat_loggers=[...] both): refused, so counts are not doubled",
+    "groups_without_label": "verify_end(groups=...) on hooks made without group_label: "
+                            "there is no label to record the groups under",
     "internal_error": "an unexpected error inside spec_metrics (please report it)",
 }
 
@@ -116,6 +120,10 @@ class MetricSpec:
     labels: tuple[str, ...]
     buckets: str | None = None  # which layout: "stage", "step" or "accepted_length"
     const_labels: bool = True  # carries the user's constant labels (model, engine, ...)
+    # Also carries the request-group label (HooksConfig.group_label, e.g. "group": adapter,
+    # tenant, workload class) when one is set: one series per (method, group) value, the
+    # groups beyond max_groups under group="other". Not in `labels`: it is optional.
+    grouped: bool = False
 
     @property
     def family(self) -> str:
@@ -143,13 +151,13 @@ ACCEPTED_LENGTH = MetricSpec(
     "spec_decode_accepted_length", "histogram",
     "Draft tokens accepted per draft (a request with draft tokens in a verify pass), "
     "the bonus token not included.",
-    "", ("method",), buckets="accepted_length",
+    "", ("method",), buckets="accepted_length", grouped=True,
 )
 DRAFT_LENGTH = MetricSpec(
     "spec_decode_draft_length", "histogram",
     "Draft tokens proposed per request in a verify pass, 0 included (a request verified "
     "without drafts: K was 0 for it, or the drafter found nothing).",
-    "", ("method",), buckets="accepted_length",
+    "", ("method",), buckets="accepted_length", grouped=True,
 )
 STEPS_WITHOUT_DRAFTS = MetricSpec(
     "spec_decode_steps_without_drafts_total", "counter",
@@ -160,32 +168,32 @@ STEPS_WITHOUT_DRAFTS = MetricSpec(
 DRAFTS = MetricSpec(
     "spec_decode_drafts_total", "counter",
     "Draft sequences verified: requests that had at least one draft token in a verify pass.",
-    "", ("method",),
+    "", ("method",), grouped=True,
 )
 DRAFT_TOKENS = MetricSpec(
     "spec_decode_draft_tokens_total", "counter",
     "Draft tokens proposed and verified.",
-    "tokens", ("method",),
+    "tokens", ("method",), grouped=True,
 )
 ACCEPTED_TOKENS = MetricSpec(
     "spec_decode_accepted_tokens_total", "counter",
     "Draft tokens accepted by the target model.",
-    "tokens", ("method",),
+    "tokens", ("method",), grouped=True,
 )
 EMITTED_TOKENS = MetricSpec(
     "spec_decode_emitted_tokens_total", "counter",
     "Tokens emitted by verify passes: accepted draft tokens plus one target token per request.",
-    "tokens", ("method",),
+    "tokens", ("method",), grouped=True,
 )
 DRAFT_TOKENS_PER_POSITION = MetricSpec(
     "spec_decode_draft_tokens_per_position_total", "counter",
     "Draft tokens proposed at each draft position (0 is the first draft token).",
-    "", ("method", "position"),
+    "", ("method", "position"), grouped=True,
 )
 ACCEPTED_TOKENS_PER_POSITION = MetricSpec(
     "spec_decode_accepted_tokens_per_position_total", "counter",
     "Draft tokens accepted at each draft position (0 is the first draft token).",
-    "", ("method", "position"),
+    "", ("method", "position"), grouped=True,
 )
 DRAFTER_INFO = MetricSpec(
     "spec_decode_drafter_info", "info",
@@ -201,8 +209,9 @@ DROPPED = MetricSpec(
 )
 LABEL_VALUES_FOLDED = MetricSpec(
     "spec_metrics_label_values_folded_total", "counter",
-    "Steps recorded under the label value \"other\" because the label already had its "
-    "maximum number of distinct values (max_methods), by label.",
+    "Recorded under the label value \"other\" because the label already had its maximum "
+    "number of distinct values, by label: steps for label=\"method\" (max_methods), "
+    "requests for the request-group label (max_groups).",
     "", ("label",),
 )
 TRACED_STEPS_SKIPPED = MetricSpec(
@@ -240,6 +249,8 @@ METRICS: tuple[MetricSpec, ...] = (
     TRACED_STEPS_SKIPPED,
     EXEMPLARS_WITHHELD,
 )
+# The families that carry the request-group label when one is set, in exposition order.
+GROUPED_METRICS: tuple[MetricSpec, ...] = tuple(spec for spec in METRICS if spec.grouped)
 # Counters whose every increment may carry an exemplar (the verify span), in this order.
 COUNTERS_WITH_EXEMPLARS: tuple[MetricSpec, ...] = (DRAFTS, DRAFT_TOKENS, ACCEPTED_TOKENS,
                                                    EMITTED_TOKENS)
@@ -252,8 +263,11 @@ REASON_COUNTERS: dict[MetricSpec, tuple[str, ...]] = {
     EXEMPLARS_WITHHELD: tuple(WITHHELD_REASONS),
 }
 
-# Label value that steps of methods beyond `max_methods` are recorded under.
+# Label value that steps of methods beyond `max_methods`, and requests of groups beyond
+# `max_groups`, are recorded under.
 OTHER_LABEL_VALUE = "other"
+# Group of the requests of a verify_end without `groups`, when a group label is set.
+DEFAULT_GROUP = "default"
 
 # Spans of spec_metrics' own export pipeline (_tracing/processor.py), one set per registry:
 # they carry no constant labels and no `method`, since the export queue is shared by every
@@ -310,6 +324,8 @@ def markdown_table(specs: tuple[MetricSpec, ...] | None = None) -> str:
     ]
     for spec in METRICS if specs is None else specs:
         labels = ", ".join(f"`{label}`" for label in spec.labels)
+        if spec.grouped:
+            labels += ", group label (with `group_label`)"
         if spec.const_labels:
             labels += ", constant labels"
         rows.append(

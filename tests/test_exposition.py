@@ -27,10 +27,20 @@ from .test_server import PROMETHEUS_ACCEPT
 ENCODERS = {"openmetrics": openmetrics.generate_latest, "classic": classic.generate_latest}
 
 
-def _drive(hooks: spec_metrics.SpecDecodeHooks, seed: int, steps: int, batch: int) -> None:
+def _drive(hooks: spec_metrics.SpecDecodeHooks, seed: int, steps: int, batch: int,
+           groups: list[str] | None = None) -> None:
+    """Steps of random acceptance; with `groups`, each request gets one of them (and now
+    and then a verify_end without groups: the "default" group)."""
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        run_step(hooks, None, rng.integers(0, 5, batch), 4)
+    for step in range(steps):
+        accepted = rng.integers(0, 5, batch)
+        if not groups:
+            run_step(hooks, None, accepted, 4)
+            continue
+        chosen = [groups[i] for i in rng.integers(0, len(groups), batch)]
+        hooks.verify_start()
+        hooks.verify_end(accepted, rng.integers(accepted, 5), chosen if step % 3 else None)
+        hooks.end_step()
 
 
 @given(
@@ -41,14 +51,19 @@ def _drive(hooks: spec_metrics.SpecDecodeHooks, seed: int, steps: int, batch: in
     traced=st.booleans(),
     bad_inputs=st.integers(0, 3),
     seed=st.integers(0, 2**16),
+    groups=st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=8), min_size=1,
+                                         max_size=6, unique=True)),
+    max_groups=st.integers(1, 4),
 )
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=160, deadline=None)
 def test_fast_writer_matches_prometheus_client(methods, const, steps, traced, bad_inputs,
-                                               seed) -> None:
+                                               seed, groups, max_groups) -> None:
     """Any label values (quotes, backslashes, newlines, unicode), any number of methods,
-    with and without exemplars and dropped input, next to foreign collectors."""
+    with and without exemplars and dropped input, with and without a group label (any
+    group values, some folded), next to foreign collectors."""
     const = {k: v for k, v in const.items() if k not in ("method", "stage", "position",
-                                                         "reason", "le", "quantile")}
+                                                         "reason", "le", "quantile", "tenant")}
+    grouping = {} if groups is None else {"group_label": "tenant", "max_groups": max_groups}
     registry = CollectorRegistry(target_info={"service": 'a"b'})
     Counter("foreign_requests", "A foreign counter.", ["path"], registry=registry) \
         .labels('/x"y').inc(3)
@@ -58,12 +73,12 @@ def test_fast_writer_matches_prometheus_client(methods, const, steps, traced, ba
         hooks = spec_metrics.SpecDecodeHooks(
             method, registry=registry if collector is None else None, collector=collector,
             labels=const if collector is None else None,
-            trace_ratio=1.0 if traced else 0.0, tracing=traced)
+            trace_ratio=1.0 if traced else 0.0, tracing=traced, **grouping)
         collector = hooks.collector
         hooks_list.append(hooks)
     Gauge("foreign_after", "Registered after ours.", registry=registry).set(1.5)
     for index, hooks in enumerate(hooks_list):
-        _drive(hooks, seed + index, steps, 8)
+        _drive(hooks, seed + index, steps, 8, groups)
         for _ in range(bad_inputs):
             hooks.verify_end([1])  # end without start: counted as dropped
     for name, encoder in ENCODERS.items():
@@ -98,10 +113,12 @@ def test_large_counts_and_sums_are_written_like_prometheus_client(make_hooks, re
     "text/plain",
     None,
 ])
+@pytest.mark.parametrize("grouped", [False, True], ids=["", "grouped"])
 def test_response_equals_prometheus_client_for_every_accept_header(make_hooks, registry,
-                                                                     accept) -> None:
-    hooks = make_hooks(trace_ratio=1.0)
-    _drive(hooks, 0, 5, 16)
+                                                                     accept, grouped) -> None:
+    hooks = make_hooks(trace_ratio=1.0, **({"group_label": "tenant", "max_groups": 2}
+                                           if grouped else {}))
+    _drive(hooks, 0, 5, 16, ["lora-a", 'q"uote', "lora-c"] if grouped else None)
     # The info family too, with label values that need escaping.
     hooks.declare_drafter("llama-3-8b", "eagle-head", 4)
     hooks.declare_drafter('target "v2"', "path\\to\nhead", 0, method="ngram")

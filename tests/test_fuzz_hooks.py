@@ -149,10 +149,32 @@ def _read(value: Any, what: str, n: int | None) -> np.ndarray:
     return _values(array, what)
 
 
-def classify(accepted: Any, drafts: Any, batch: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(accepted, draft tokens) per request, or Bad with the first problem found."""
+def _groups(value: Any, n: int) -> list[str]:
+    """The group value of each request, as the README defines groups: a list, tuple or 1-D
+    numpy array (str or object) of non-empty strings of at most 128 characters."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise Bad("wrong_shape", str(value.shape))
+        if value.dtype.kind not in "UO":
+            raise Bad("wrong_type", str(value.dtype))
+        value = value.tolist()
+    elif not isinstance(value, (list, tuple)):
+        raise Bad("wrong_type", "groups must be")
+    if len(value) != n:
+        raise Bad("wrong_shape", f"groups has {len(value)} entries")
+    for i, group in enumerate(value):
+        if not (isinstance(group, str) and 0 < len(group) <= 128):
+            raise Bad("wrong_type", f"groups[{i}]=")
+    return [str(group) for group in value]
+
+
+def classify(accepted: Any, drafts: Any, batch: int | None, groups: Any = None,
+             grouped: bool = False) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(accepted, draft tokens, groups) per request, or Bad with the first problem found."""
     if drafts is None:
         raise Bad("wrong_type", "draft_tokens is required")
+    if groups is not None and not grouped:
+        raise Bad("groups_without_label", "groups=")
     a = _read(accepted, "accepted", batch)
     n = a.shape[0]
     torch = sys.modules.get("torch")
@@ -166,6 +188,7 @@ def classify(accepted: Any, drafts: Any, batch: int | None) -> tuple[np.ndarray,
         raise Bad("wrong_type", repr(drafts)[:30])
     else:
         d = _read(drafts, "draft_tokens", n)
+    g = _groups(groups, n) if groups is not None else None
     if n and (a < 0).any():
         raise Bad("negative", _first(a, a < 0, "accepted"))
     if scalar is None:
@@ -177,7 +200,7 @@ def classify(accepted: Any, drafts: Any, batch: int | None) -> tuple[np.ndarray,
             if (a > d).any():
                 i = int(np.flatnonzero(a > d)[0])
                 raise Bad("accepted_exceeds_drafted", f"request {i} accepted {a[i]} of {d[i]}")
-        return a, d
+        return a, d, g
     if scalar < 0:
         raise Bad("negative", f"got {scalar}")
     if scalar > MAX_K:
@@ -185,16 +208,24 @@ def classify(accepted: Any, drafts: Any, batch: int | None) -> tuple[np.ndarray,
     if n and (a > scalar).any():
         i = int(np.flatnonzero(a > scalar)[0])
         raise Bad("accepted_exceeds_drafted", f"request {i} accepted {a[i]} of {scalar}")
-    return a, np.full(n, scalar, dtype=np.int64)
+    return a, np.full(n, scalar, dtype=np.int64), g
 
 
-class Series:
+class Acceptance:
+    """The requests verified of one method (or one method and group)."""
+
     def __init__(self) -> None:
-        self.stages: list[list[float]] = [[] for _ in STAGES]
-        self.step: list[float] = []
         self.accepted: list[np.ndarray] = []  # per verify pass, requests with drafts only
         self.drafts: list[np.ndarray] = []  # per verify pass, every request
         self.requests = 0
+
+
+class Series:
+    def __init__(self, grouped: bool) -> None:
+        self.stages: list[list[float]] = [[] for _ in STAGES]
+        self.step: list[float] = []
+        # by group value; without a group label, one entry (None), present from the start
+        self.acceptance: dict[str | None, Acceptance] = {} if grouped else {None: Acceptance()}
         self.plain_steps = 0  # verify passes without any draft token
 
 
@@ -204,15 +235,20 @@ class Record:
         self.starts = [0] * len(STAGES)
         self.ends = [0] * len(STAGES)
         self.last = -1
-        self.counts: tuple[np.ndarray, np.ndarray] | None = None
+        self.counts: tuple[np.ndarray, np.ndarray, list[str] | None] | None = None
 
 
 class Model:
     """What the hooks must do, written from the README's contract."""
 
-    def __init__(self, now: int, method: str = "eagle") -> None:
+    def __init__(self, now: int, method: str = "eagle", group_label: str | None = None,
+                 max_groups: int = 2) -> None:
         self.now = now
         self.method = method
+        self.group_label = group_label
+        self.max_groups = max_groups
+        self.groups: list[str] = []  # group values with a row of their own, first seen first
+        self.groups_folded = 0  # requests recorded under group="other" (table full)
         self.open = -1
         self.record: Record | None = None
         self.drops: Counter[str] = Counter()
@@ -288,11 +324,12 @@ class Model:
         self.open = -1
         return True
 
-    def verify_end(self, accepted: Any = None, drafts: Any = None) -> None:
+    def verify_end(self, accepted: Any = None, drafts: Any = None, groups: Any = None) -> None:
         if not self.end(1) or accepted is None:
             return
         try:
-            self.record.counts = classify(accepted, drafts, self.record.batch)  # type: ignore
+            self.record.counts = classify(accepted, drafts, self.record.batch,  # type: ignore
+                                          groups, self.group_label is not None)
         except Bad as bad:
             self.reject("verify_end", bad.reason, bad.witness)
 
@@ -320,7 +357,8 @@ class Model:
 
     def _consume(self) -> None:
         record, self.record = self.record, None
-        series = self.series.setdefault(record.method, Series())  # type: ignore[union-attr]
+        series = self.series.setdefault(record.method,  # type: ignore[union-attr]
+                                        Series(self.group_label is not None))
         present = [i for i in range(len(STAGES)) if record.starts[i] and record.ends[i]]
         for i in present:
             series.stages[i].append((record.ends[i] - record.starts[i]) / 1e9)
@@ -337,10 +375,26 @@ class Model:
                 else:
                     self.reject("begin_step", "bad_traceparent", f"traceparents[{index}]={value!r}")
         if record.counts is not None:
-            a, d = record.counts
-            series.accepted.append(a[d > 0])
-            series.drafts.append(d)
-            series.requests += a.shape[0]
+            a, d, g = record.counts
+            if self.group_label is None:
+                parts: dict[str | None, np.ndarray] = {None: np.ones(a.shape[0], dtype=bool)}
+            else:
+                names = np.array(g if g is not None else ["default"] * a.shape[0], dtype=object)
+                parts = {}
+                for value in dict.fromkeys(names.tolist()):  # first seen first
+                    if value != "other" and value not in self.groups:
+                        if len(self.groups) < self.max_groups:
+                            self.groups.append(value)
+                        else:
+                            self.groups_folded += int((names == value).sum())
+                    row = value if value in self.groups else "other"
+                    parts[row] = parts.get(row, np.zeros(a.shape[0], dtype=bool)) | (
+                        names == value)
+            for row, mask in parts.items():
+                acceptance = series.acceptance.setdefault(row, Acceptance())
+                acceptance.accepted.append(a[mask & (d > 0)])
+                acceptance.drafts.append(d[mask])
+                acceptance.requests += int(mask.sum())
             series.plain_steps += int(not (d > 0).any())
         self.steps += 1
 
@@ -370,31 +424,39 @@ class Model:
                           method=method, stage=stage)
             histogram("spec_decode_step_duration_seconds", s.step, DEFAULT_STEP_BUCKETS,
                       method=method)
-            a = np.concatenate([np.zeros(0, np.int64), *s.accepted])
-            d = np.concatenate([np.zeros(0, np.int64), *s.drafts])
-            name = "spec_decode_accepted_length"
-            for bound in (*map(float, range(MAX_K + 1)), float("inf")):
-                put(name + "_bucket", int((a <= bound).sum()), le=bound, method=method)
-            put(name + "_count", a.shape[0], method=method)
-            put(name + "_sum", int(a.sum()), method=method)
-            name = "spec_decode_draft_length"
-            for bound in (*map(float, range(MAX_K + 1)), float("inf")):
-                put(name + "_bucket", int((d <= bound).sum()), le=bound, method=method)
-            put(name + "_count", d.shape[0], method=method)
-            put(name + "_sum", int(d.sum()), method=method)
             put("spec_decode_steps_without_drafts_total", s.plain_steps, method=method)
-            put("spec_decode_drafts_total", int((d > 0).sum()), method=method)
-            put("spec_decode_draft_tokens_total", int(d.sum()), method=method)
-            put("spec_decode_accepted_tokens_total", int(a.sum()), method=method)
-            put("spec_decode_emitted_tokens_total", int(a.sum()) + s.requests, method=method)
-            for p in range(MAX_K):
-                put("spec_decode_draft_tokens_per_position_total", int((d > p).sum()),
-                    method=method, position=str(p))
-                put("spec_decode_accepted_tokens_per_position_total", int((a > p).sum()),
-                    method=method, position=str(p))
+            for group, acceptance in s.acceptance.items():
+                labels = {"method": method}
+                if group is not None:
+                    labels[self.group_label] = group  # type: ignore[index]
+                a = np.concatenate([np.zeros(0, np.int64), *acceptance.accepted])
+                d = np.concatenate([np.zeros(0, np.int64), *acceptance.drafts])
+                name = "spec_decode_accepted_length"
+                for bound in (*map(float, range(MAX_K + 1)), float("inf")):
+                    put(name + "_bucket", int((a <= bound).sum()), le=bound, **labels)
+                put(name + "_count", a.shape[0], **labels)
+                put(name + "_sum", int(a.sum()), **labels)
+                name = "spec_decode_draft_length"
+                for bound in (*map(float, range(MAX_K + 1)), float("inf")):
+                    put(name + "_bucket", int((d <= bound).sum()), le=bound, **labels)
+                put(name + "_count", d.shape[0], **labels)
+                put(name + "_sum", int(d.sum()), **labels)
+                put("spec_decode_drafts_total", int((d > 0).sum()), **labels)
+                put("spec_decode_draft_tokens_total", int(d.sum()), **labels)
+                put("spec_decode_accepted_tokens_total", int(a.sum()), **labels)
+                put("spec_decode_emitted_tokens_total", int(a.sum()) + acceptance.requests,
+                    **labels)
+                for p in range(MAX_K):
+                    put("spec_decode_draft_tokens_per_position_total", int((d > p).sum()),
+                        position=str(p), **labels)
+                    put("spec_decode_accepted_tokens_per_position_total", int((a > p).sum()),
+                        position=str(p), **labels)
         for reason in DROP_REASONS:
             put("spec_metrics_dropped_total", self.drops[reason], reason=reason)
         put("spec_metrics_label_values_folded_total", 0, label="method")  # one method
+        if self.group_label is not None:
+            put("spec_metrics_label_values_folded_total", self.groups_folded,
+                label=self.group_label)
         # Every step with a stage is traced (no rate limit, AlwaysOn sampler) and its spans
         # are exported: nothing skipped, no exemplar withheld.
         for reason in SKIP_REASONS:
@@ -427,8 +489,8 @@ class Real:
     def end(self, stage: int) -> None:
         (self.hooks.draft_end, self.hooks.verify_end, self.hooks.draft_extend_end)[stage]()
 
-    def verify_end(self, accepted: Any = None, drafts: Any = None) -> None:
-        self.hooks.verify_end(accepted, drafts)
+    def verify_end(self, accepted: Any = None, drafts: Any = None, groups: Any = None) -> None:
+        self.hooks.verify_end(accepted, drafts, groups)
 
     def poll(self) -> None:
         self.hooks.poll()
@@ -545,6 +607,7 @@ def _values_list(good: bool, length: int) -> st.SearchStrategy:
 
 
 _BOOLS = st.booleans()
+_GROUPING = st.sampled_from([None, None, 1, 2, 3])  # max_groups, or no group label
 _OTHER_COUNTS = st.sampled_from([None, 3, 2.5, "1,2", {"a": 1}, np.int64(2), [[1], [1, 2]],
                                  [None, 1], ["a", "b"], [True, False], [2**64], [2**64 - 1]])
 _ODD_DRAFTS = st.sampled_from([-1, MAX_K + 1, 10**30, np.int64(3), True, 2.0, None, "4"])
@@ -594,10 +657,47 @@ def draft_tokens(draw: Callable, n: int | None) -> Any:
     return draw(_ODD_DRAFTS)
 
 
+_GROUP_POOL = ("a", "b", "c", "other", "default", 'q"uote')
+_ODD_GROUPS = st.sampled_from([None, 7, b"a", "", "x" * 129, ["a"], 2.5])
+
+
 @st.composite
-def verify_values(draw: Callable, n: int | None, good: bool = False) -> tuple:
-    """(accepted, draft_tokens): valid by construction when `good`, else anything; the
-    draft tokens per request mostly have the accepted counts' length."""
+def request_groups(draw: Callable, n: int, grouped: bool) -> Any:
+    """groups= for a batch of `n`: mostly None without a group label (then sometimes given
+    all the same: groups_without_label); with one, mostly valid values (few enough that
+    max_groups folds some), sometimes one bad entry, a wrong length or a wrong type."""
+    if draw(_ints(0, 9)) >= (6 if grouped else 1):
+        return None
+    if n > 4:  # the 100k batch: values chosen by numpy, maybe one bad entry
+        rng = np.random.default_rng(draw(_ints(0, 2**16)))
+        values = np.array(_GROUP_POOL, dtype=object)[rng.integers(0, len(_GROUP_POOL), n)]
+        if draw(_ints(0, 3)) == 0:
+            values[int(rng.integers(0, n))] = draw(_ODD_GROUPS)
+        return values if draw(_BOOLS) else values.tolist()
+    length = n if draw(_ints(0, 7)) else draw(_ints(0, 4))
+    values = [draw(_pick(_GROUP_POOL)) for _ in range(length)]
+    if values and draw(_ints(0, 5)) == 0:
+        values[draw(_ints(0, length - 1))] = draw(_ODD_GROUPS)
+    form = draw(_ints(0, 9))
+    if form <= 4:
+        return values
+    if form == 5:
+        return tuple(values)
+    if form == 6:
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+    if form == 7 and all(isinstance(v, str) for v in values):
+        return np.array(values, dtype=str)
+    return draw(st.sampled_from(["a", 3, np.array([[1]]), np.array(["a"] * n).reshape(n, 1),
+                                 np.arange(n), {"a": 1}]))
+
+
+@st.composite
+def verify_values(draw: Callable, n: int | None, good: bool = False,
+                  grouped: bool = False) -> tuple:
+    """(accepted, draft_tokens, groups): valid by construction when `good`, else anything;
+    the draft tokens per request mostly have the accepted counts' length."""
     if good:
         length = n if type(n) is int and 0 <= n <= 4 else draw(_ints(0, 4))
         drafts = draw(_values_list(True, length))
@@ -617,19 +717,21 @@ def verify_values(draw: Callable, n: int | None, good: bool = False) -> tuple:
                 accepted[i] = draw(_ODD_FLOATS)
             else:
                 accepted.append(0)
+        groups = draw(request_groups(len(accepted), grouped))
         form = draw(_ints(0, 2))
         if form == 0:  # K for the whole batch
-            return accepted, max(drafts, default=MAX_K)
+            return accepted, max(drafts, default=MAX_K), groups
         if form == 1:
-            return np.array(accepted), np.array(drafts)
-        return accepted, drafts
+            return np.array(accepted), np.array(drafts), groups
+        return accepted, drafts, groups
     accepted = draw(counts(n))
     shape = getattr(accepted, "shape", None)
     if isinstance(accepted, (list, tuple)):
         n = len(accepted)
     elif shape is not None and len(shape) == 1:
         n = int(shape[0])
-    return accepted, draw(draft_tokens(n))
+    size = n if type(n) is int and n >= 0 else draw(_ints(0, 4))
+    return accepted, draw(draft_tokens(n)), draw(request_groups(size, grouped))
 
 
 _DT = st.sampled_from([0, 1_000, 40_000, 700_000, 3_000_000, 12_345_678, 80_000_000,
@@ -660,6 +762,7 @@ def ops(draw: Callable, model: Model, nested: bool = True, strict: bool = False)
     """The next call(s), drawn knowing the model's state so that lengths often match."""
     dt = draw(_DT)
     batch = model.record.batch if model.record is not None else None
+    grouped = model.group_label is not None
     kind = draw(_pick(("step", "step", "broken_step", "broken_step", "fragment", "fragment",
                        "begin", "end_step", "start", "end", "verify_end", "with_stage",
                        "with_step", "poll")))
@@ -669,7 +772,7 @@ def ops(draw: Callable, model: Model, nested: bool = True, strict: bool = False)
     if kind in ("step", "broken_step"):  # a whole step, mostly well formed
         kwargs = draw(begin_kwargs()) if draw(_BOOLS) else {}
         n = kwargs.get("batch_size")
-        values = draw(verify_values(n, good=draw(_BOOLS)))
+        values = draw(verify_values(n, good=draw(_BOOLS), grouped=grouped))
         calls = [("begin", dt, kwargs), ("start", dt, 0), ("end", dt, 0),
                  ("start", dt, 1), ("verify_end", dt, *values), ("start", dt, 2),
                  ("end", dt, 2), ("end_step", dt)]
@@ -690,12 +793,13 @@ def ops(draw: Callable, model: Model, nested: bool = True, strict: bool = False)
     if kind == "verify_end":
         if draw(_ints(0, 5)) == 0:
             return [("verify_end", dt)]
-        return [("verify_end", dt, *draw(verify_values(batch, good=draw(_BOOLS))))]
+        return [("verify_end", dt, *draw(verify_values(batch, good=draw(_BOOLS),
+                                                        grouped=grouped)))]
     if kind == "with_stage":
         stage = draw(_ints(0, 2))
         values = None
         if stage == 1 and draw(_ints(0, 4)):
-            values = draw(verify_values(batch, good=draw(_BOOLS)))
+            values = draw(verify_values(batch, good=draw(_BOOLS), grouped=grouped))
         return [("with_stage", dt, stage, values, draw(_ints(0, 4)) == 0)]
     if kind == "with_step" and nested and not strict:
         inner: list[tuple] = []
@@ -757,12 +861,23 @@ def _quiet_logger():
     logger.setLevel(level)
 
 
+GROUP_LABEL = "group"
+
+
 def _new_hooks(clock: Clock, strict: bool, steps: list | None = None,
-               registry: CollectorRegistry | None = None) -> spec_metrics.SpecDecodeHooks:
+               registry: CollectorRegistry | None = None,
+               max_groups: int | None = None) -> spec_metrics.SpecDecodeHooks:
+    """Hooks as the model expects them; with `max_groups`, with a group label."""
     return spec_metrics.SpecDecodeHooks(
         "eagle", labels=LABELS, registry=registry, tracer_provider=_PROVIDER, strict=strict,
         trace_ratio=1.0, max_traced_steps_per_second=1e12, max_draft_tokens=MAX_K,
-        warn_interval_seconds=3600, on_step=None if steps is None else steps.append)
+        warn_interval_seconds=3600, on_step=None if steps is None else steps.append,
+        group_label=GROUP_LABEL if max_groups else None, max_groups=max_groups or 16)
+
+
+def _new_model(clock: Clock, max_groups: int | None) -> Model:
+    return Model(clock.now, group_label=GROUP_LABEL if max_groups else None,
+                 max_groups=max_groups or 16)
 
 
 @settings(max_examples=FUZZ_EXAMPLES, **_SETTINGS)
@@ -772,8 +887,9 @@ def test_fuzzed_calls_never_raise_and_metrics_equal_the_model(data, monkeypatch_
     _EXPORTER.clear()
     registry = CollectorRegistry()
     steps: list = []
-    hooks = _new_hooks(clock, strict=False, steps=steps, registry=registry)
-    model, real = Model(clock.now), Real(hooks, clock)
+    groups = data.draw(_GROUPING, label="max_groups (None: no group label)")
+    hooks = _new_hooks(clock, strict=False, steps=steps, registry=registry, max_groups=groups)
+    model, real = _new_model(clock, groups), Real(hooks, clock)
     previous = None
     calls = data.draw(_ints(1, 3), label="calls")
     scrape_each = data.draw(_BOOLS, label="scrape after each call")
@@ -808,8 +924,9 @@ def test_fuzzed_calls_never_raise_and_metrics_equal_the_model(data, monkeypatch_
 @given(data=st.data())
 def test_strict_mode_raises_for_each_bad_input_and_only_then(data, monkeypatch_clock):
     clock = monkeypatch_clock
-    hooks = _new_hooks(clock, strict=True)
-    model, real = Model(clock.now), Real(hooks, clock)
+    groups = data.draw(_GROUPING, label="max_groups (None: no group label)")
+    hooks = _new_hooks(clock, strict=True, max_groups=groups)
+    model, real = _new_model(clock, groups), Real(hooks, clock)
     for _ in range(data.draw(_ints(1, 3), label="calls")):
         for op in data.draw(ops(model, strict=True), label="op"):
             model.rejections.clear()
@@ -825,8 +942,8 @@ def test_strict_mode_raises_for_each_bad_input_and_only_then(data, monkeypatch_c
             assert message.startswith(f"spec_metrics.{hook}:"), (message, hook, reason)
             assert witness in message, (message, witness, reason)
             # After a raise the hooks' state is whatever the engine left: start afresh.
-            hooks = _new_hooks(clock, strict=True)
-            model, real = Model(clock.now), Real(hooks, clock)
+            hooks = _new_hooks(clock, strict=True, max_groups=groups)
+            model, real = _new_model(clock, groups), Real(hooks, clock)
             break
 
 

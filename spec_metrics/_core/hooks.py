@@ -15,6 +15,7 @@ their copies have landed, and are handed to the sinks at a later `end_step()` or
 
 from __future__ import annotations
 
+import reprlib
 from time import perf_counter_ns
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from opentelemetry import trace
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from spec_metrics._core.cuda_timing import CudaEventTimer
+from spec_metrics._core.groups import to_groups
 from spec_metrics._core.inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from spec_metrics._core.pending import PendingSteps
 from spec_metrics._core.record import StepRecord
@@ -77,6 +79,7 @@ class SpecDecodeHooks:
         self._strict = config.strict
         self._method = config.method
         self._max_k = config.max_draft_tokens
+        self._group_label = config.group_label
         # Position of each stage (indexed like STAGES) in the configured order.
         self._rank = [config.stage_order.index(name) for name in STAGES]
         if collector is None:
@@ -87,7 +90,8 @@ class SpecDecodeHooks:
                     stage_buckets=config.stage_buckets, step_buckets=config.step_buckets,
                     drops=DropCounter(config.warn_interval_seconds),
                     exemplar_hold_seconds=config.exemplar_hold_seconds,
-                    max_methods=config.max_methods, registry=target,
+                    max_methods=config.max_methods, group_label=config.group_label,
+                    max_groups=config.max_groups, registry=target,
                 )
             except ValueError as exc:
                 raise ValueError(
@@ -218,12 +222,17 @@ class SpecDecodeHooks:
         if self._on:
             self._start(_VERIFY, "verify_start")
 
-    def verify_end(self, accepted: Any = None, draft_tokens: Any = None) -> None:
+    def verify_end(self, accepted: Any = None, draft_tokens: Any = None,
+                   groups: Any = None) -> None:
         """End verify. `accepted`: tokens accepted per request (list, numpy array, torch
         tensor on CPU or CUDA); `draft_tokens`: K for all, or per request. A CUDA tensor is
         copied without blocking, on a side stream after the work queued so far, and read at
         a later step; write it in place only after end_step(), from which point the
-        current stream waits (on the device) for that copy."""
+        current stream waits (on the device) for that copy.
+
+        `groups`: with `group_label` set, the group value (str: adapter, tenant, workload
+        class) of each request, as a list, tuple or numpy array of str or object; acceptance
+        is then counted per group. Without it the requests count under group="default"."""
         if not self._on:
             return
         if not self._end(_VERIFY, "verify_end") or accepted is None:
@@ -236,24 +245,36 @@ class SpecDecodeHooks:
             if draft_tokens is None:
                 raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
                                                   "pass K, or the draft tokens of each request")
+            if groups is not None and self._group_label is None:
+                raise InputRejected(
+                    "groups_without_label",
+                    f"groups={reprlib.repr(groups)} given, but these hooks have no group label "
+                    "to record them under: pass group_label=\"group\" (the label name you "
+                    "want) to SpecDecodeHooks, or leave groups out")
             counts = to_counts(accepted, "accepted", record.batch_size, self._pinned)
+            drafts = None
             try:
                 drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
+                request_groups = (to_groups(groups, _length(counts)) if groups is not None
+                                  else None)
             except BaseException:
-                if isinstance(counts, DeviceArray):
-                    counts.release_source()  # the engine may reuse its tensor after all
-                    counts.discard()  # its pinned buffer goes back to the pool
+                for value in (counts, drafts):
+                    if isinstance(value, DeviceArray):
+                        value.release_source()  # the engine may reuse its tensor after all
+                        value.discard()  # its pinned buffer goes back to the pool
                 raise
             if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
                 record.accepted, record.draft_tokens = counts, drafts
+                record.groups = request_groups  # host values, kept until the counts land
             else:
                 if self._defer_summary:
                     # A copy: the engine may reuse its buffers before the batch is reduced.
                     record.accepted = np.array(counts)
                     record.draft_tokens = (np.array(drafts) if isinstance(drafts, np.ndarray)
                                            else drafts)
+                    record.groups = request_groups  # made here: nothing the engine reuses
                 else:
-                    record.summary = summarize(counts, drafts, self._max_k)
+                    record.summary = summarize(counts, drafts, self._max_k, request_groups)
         except InputRejected as rejected:
             self._reject("verify_end", rejected.reason, rejected.message)
         except StrictModeError:
@@ -522,7 +543,8 @@ def _noop_begin_step(request_ids: Any = None, traceparents: Any = None,
     return None
 
 
-def _noop_verify_end(accepted: Any = None, draft_tokens: Any = None) -> None:
+def _noop_verify_end(accepted: Any = None, draft_tokens: Any = None,
+                     groups: Any = None) -> None:
     return None
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from spec_metrics._core.groups import RequestGroups, group_histograms
 from spec_metrics._support.drops import InputRejected
 from spec_metrics._support.forking import keep_forever
 from spec_metrics._support.summary import AcceptSummary
@@ -278,8 +279,10 @@ def _check_array(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int) -> AcceptSummary:
-    """Check accepted counts against draft tokens and reduce both to histograms."""
+def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int,
+              groups: RequestGroups | None = None) -> AcceptSummary:
+    """Check accepted counts against draft tokens and reduce both to histograms (with
+    `groups`, also one row of each per group value)."""
     n = accepted.shape[0]
     size = max_k + 1
     hi = _max_non_negative(accepted, "accepted") if n else 0
@@ -297,6 +300,8 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
                 i = int(np.argmax(over))
                 raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted "
                                     f"{int(accepted[i])} of {int(draft_tokens[i])} draft tokens")
+        if groups is not None:
+            return _grouped(accepted, draft_tokens, groups, size)
         draft_hist = np.bincount(draft_tokens, minlength=size)
         if draft_hist[0]:
             # Like vLLM, accepted length is counted over requests that had drafts only.
@@ -313,12 +318,21 @@ def summarize(accepted: np.ndarray, draft_tokens: "int | np.ndarray", max_k: int
             i = int(np.argmax(accepted > k))
             raise InputRejected("accepted_exceeds_drafted", f"request {i} accepted "
                                 f"{int(accepted[i])} of {k} draft tokens")
+        if groups is not None:
+            return _grouped(accepted, k, groups, size)
         draft_hist = np.zeros(size, dtype=np.int64)
         draft_hist[k] = n
         if k == 0:
             n = 0  # nothing was drafted: no accepted length to count
     accepted_hist = np.bincount(accepted, minlength=size) if n else np.zeros(size, dtype=np.int64)
     return AcceptSummary(accepted_hist, draft_hist)
+
+
+def _grouped(accepted: np.ndarray, draft_tokens: "int | np.ndarray", groups: RequestGroups,
+             size: int) -> AcceptSummary:
+    group_accepted, group_draft = group_histograms(accepted, draft_tokens, groups, size)
+    return AcceptSummary(group_accepted.sum(axis=0), group_draft.sum(axis=0), groups.values,
+                         group_accepted, group_draft)
 
 
 def _max_non_negative(values: np.ndarray, what: str) -> int:

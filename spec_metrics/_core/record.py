@@ -16,8 +16,8 @@ class StepRecord:
     """Timestamps and counts of one decode step. Plain slots: cheap to create and fill."""
 
     __slots__ = ("index", "method", "starts", "ends", "last_stage", "batch_size", "request_ids",
-                 "traceparents", "request_sampled", "accepted", "draft_tokens", "summary",
-                 "gpu_starts", "gpu_ends")
+                 "traceparents", "request_sampled", "accepted", "draft_tokens", "groups",
+                 "summary", "gpu_starts", "gpu_ends")
 
     def __init__(self, index: int, method: str, batch_size: int | None = None,
                  request_ids: Sequence[Any] | None = None,
@@ -35,6 +35,9 @@ class StepRecord:
         # Host arrays, or DeviceArray copies still in flight, until the step is resolved.
         self.accepted: Any = None
         self.draft_tokens: Any = None
+        # Checked request groups (host values, groups.RequestGroups) kept with counts that
+        # are summarized later (device copies, batched steps); None without groups.
+        self.groups: Any = None
         self.summary: Any = None  # AcceptSummary once the counts are checked
         # CUDA events per stage with timer="cuda", else None.
         self.gpu_starts: list[Any] | None = None

@@ -41,25 +41,27 @@ class StageScope:
 
 
 class VerifyScope(StageScope):
-    __slots__ = ("_accepted", "_draft_tokens")
+    __slots__ = ("_accepted", "_draft_tokens", "_groups")
 
     def __init__(self, hooks: "SpecDecodeHooks") -> None:
         super().__init__(hooks, _VERIFY)
         self._accepted: Any = None
         self._draft_tokens: Any = None
+        self._groups: Any = None
 
-    def set_accepted(self, accepted: Any, draft_tokens: Any) -> None:
-        self._accepted, self._draft_tokens = accepted, draft_tokens
+    def set_accepted(self, accepted: Any, draft_tokens: Any, groups: Any = None) -> None:
+        """What verify_end(accepted, draft_tokens, groups) receives when the block exits."""
+        self._accepted, self._draft_tokens, self._groups = accepted, draft_tokens, groups
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        accepted, drafts = self._accepted, self._draft_tokens
-        self._accepted = self._draft_tokens = None
+        accepted, drafts, groups = self._accepted, self._draft_tokens, self._groups
+        self._accepted = self._draft_tokens = self._groups = None
         hooks = self._hooks
         if hooks._on:
             if exc_type is not None:
                 _drop_quietly(hooks, _VERIFY)
             else:
-                hooks.verify_end(accepted, drafts)
+                hooks.verify_end(accepted, drafts, groups)
 
 
 class StepScope:

@@ -52,7 +52,7 @@ class StepSinks:
                      or isinstance(record.draft_tokens, DeviceArray) else "reduced in a batch")
             try:
                 summary = summarize(_resolve(record.accepted), _resolve(record.draft_tokens),
-                                    self._max_k)
+                                    self._max_k, record.groups)
             except InputRejected as rejected:
                 self._reject("verify_end", rejected.reason,
                              f"(step {record.index}, {where}) {rejected.message}")

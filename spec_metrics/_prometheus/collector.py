@@ -27,13 +27,21 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from spec_metrics._prometheus.exemplars import ShownExemplars
-from spec_metrics._prometheus.series import MethodSeries, Snapshot, peek_all
+from spec_metrics._prometheus.groups import GroupTable
+from spec_metrics._prometheus.series import (
+    AcceptRow,
+    MethodSeries,
+    MethodSnapshot,
+    Snapshot,
+    peek_all,
+)
 from spec_metrics._prometheus.textformat import (
     SeriesText,
     family_header,
     label_text,
     render_snapshot,
 )
+from spec_metrics._support.config import check_group_label
 from spec_metrics._support.drops import DropCounter, Tally
 from spec_metrics._support.forking import reset_after_fork
 from spec_metrics._support.summary import AcceptSummary
@@ -73,9 +81,10 @@ class SpecDecodeCollector(Collector):
     """Holds the aggregated metrics of one engine; register it once in a registry.
 
     Several `SpecDecodeHooks` (one per engine loop, thread or method) may share one
-    collector; its constant labels and bucket layouts are fixed here. Its public surface is
-    prometheus_client's Collector (`collect`, `describe`) and, read-only: `const_labels`,
-    `max_draft_tokens`, `max_methods`, `stage_buckets`, `step_buckets`, and the counters
+    collector; its constant labels, bucket layouts and group label are fixed here. Its
+    public surface is prometheus_client's Collector (`collect`, `describe`) and, read-only:
+    `const_labels`, `max_draft_tokens`, `max_methods`, `group_label`, `max_groups`,
+    `stage_buckets`, `step_buckets`, and the counters
     /metrics shows by reason: `drops` (rejected input), `skipped` (steps selected for
     tracing, not traced), `withheld` (traced steps whose exemplars were withheld), each
     with a `.counts` dict. Everything else is internal.
@@ -91,12 +100,20 @@ class SpecDecodeCollector(Collector):
         drops: DropCounter | None = None,
         exemplar_hold_seconds: float = 60.0,
         max_methods: int = 32,
+        group_label: str | None = None,
+        max_groups: int = 16,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.const_labels = dict(labels or {})
+        check_group_label(group_label, max_groups, self.const_labels)
         self.max_draft_tokens = max_draft_tokens
         self.max_methods = max_methods
         self.folded = 0  # steps recorded under method="other" (cardinality cap)
+        # With a group label: the acceptance families get it, one series per (method,
+        # group); the table of group values kept is shared by every method.
+        self.group_label = group_label
+        self.max_groups = max_groups
+        self._groups = GroupTable(max_groups) if group_label is not None else None
         self.stage_buckets = tuple(stage_buckets)
         self.step_buckets = tuple(step_buckets)
         self.drops = drops or DropCounter()
@@ -116,7 +133,7 @@ class SpecDecodeCollector(Collector):
         # Text prefixes per method, family headers per format (True: OpenMetrics).
         self._texts: dict[str, SeriesText] = {}
         self._reason_prefixes: dict[tuple[MetricSpec, str], str] = {}
-        self._folded_prefix: str | None = None
+        self._folded_prefixes: dict[str, str] = {}
         self._headers = {om: {spec: family_header(self._family(spec), om) for spec in METRICS}
                          for om in (True, False)}
         if registry is not None:
@@ -130,6 +147,8 @@ class SpecDecodeCollector(Collector):
         self._series = {}
         self._drafters = {}
         self.folded = 0
+        if self._groups is not None:
+            self._groups = GroupTable(self.max_groups)
         self._deferred = deque()
         self._texts = {}
         self._reason_prefixes = {}
@@ -144,6 +163,13 @@ class SpecDecodeCollector(Collector):
         if "max_methods" in explicit and config.max_methods != self.max_methods:
             mismatches.append(f"max_methods={config.max_methods} "
                               f"(collector: {self.max_methods})")
+        # The hooks check groups against their own group label: it must be the collector's.
+        if config.group_label != self.group_label:
+            mismatches.append(f"group_label={config.group_label!r} "
+                              f"(collector: {self.group_label!r})")
+        if "max_groups" in explicit and config.max_groups != self.max_groups:
+            mismatches.append(f"max_groups={config.max_groups} "
+                              f"(collector: {self.max_groups})")
         if self.max_draft_tokens != config.max_draft_tokens:
             mismatches.append(f"max_draft_tokens={config.max_draft_tokens} "
                               f"(collector: {self.max_draft_tokens})")
@@ -175,7 +201,8 @@ class SpecDecodeCollector(Collector):
                 self.folded += 1
                 return self._series_locked(OTHER_LABEL_VALUE)
             series = self._series[method] = MethodSeries(
-                self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold)
+                self.stage_buckets, self.step_buckets, self.max_draft_tokens, self._hold,
+                self.max_groups if self._groups is not None else None)
         return series
 
     def _consume(
@@ -240,17 +267,25 @@ class SpecDecodeCollector(Collector):
                     exemplars.priority, now, exemplars.ticket,
                 )
         if summary is not None:
-            series.accepted_hist += summary.accepted_hist
-            series.draft_hist += summary.draft_hist
+            grouped = series.grouped
+            if grouped is None or self._groups is None:
+                series.accepted_hist += summary.accepted_hist
+                series.draft_hist += summary.draft_hist
+                if exemplars is not None:
+                    self._offer_accept_exemplars(series, summary, exemplars, now)
+            else:
+                rows, accepted, draft = self._groups.rows(summary)
+                grouped.add(rows, accepted, draft)
+                if exemplars is not None:
+                    grouped.offer_exemplars(rows, accepted, draft, exemplars,
+                                            _verify_span(exemplars), now)
             if not summary.draft_hist[1:].any():
                 series.steps_without_drafts += 1
-            if exemplars is not None:
-                self._offer_accept_exemplars(series, summary, exemplars, now)
 
     @staticmethod
     def _offer_accept_exemplars(series: MethodSeries, summary: AcceptSummary,
                                 exemplars: StepExemplars, now: float) -> None:
-        verify_span = exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
+        verify_span = _verify_span(exemplars)
         for length in np.flatnonzero(summary.accepted_hist).tolist():
             series.accepted_exemplars.offer(
                 length, exemplars.exemplar(verify_span, float(length)), exemplars.priority, now,
@@ -270,12 +305,16 @@ class SpecDecodeCollector(Collector):
         return [self._family(spec) for spec in METRICS]
 
     def _family(self, spec: MetricSpec) -> Metric:
-        labels = [*spec.labels, *self._label_names]
+        labels = [*spec.labels, *self._group_names(spec), *self._label_names]
         if spec.type == "histogram":
             return HistogramMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
         if spec.type == "info":
             return InfoMetricFamily(spec.family, spec.help, labels=labels)
         return CounterMetricFamily(spec.name, spec.help, labels=labels, unit=spec.unit)
+
+    def _group_names(self, spec: MetricSpec) -> tuple[str, ...]:
+        """The group label name, for the families that carry it when one is set."""
+        return (self.group_label,) if spec.grouped and self.group_label is not None else ()
 
     def _snapshot(self, shown: list) -> Snapshot:
         """Copy everything a scrape renders, under the lock (deferred steps first); the
@@ -288,10 +327,7 @@ class SpecDecodeCollector(Collector):
                     method,
                     [(list(h.counts), h.sum, peek_all(h.exemplars, shown))
                      for h in (*series.stages, series.step)],
-                    series.accepted_hist.copy(),
-                    series.draft_hist.copy(),
-                    peek_all(series.accepted_exemplars, shown),
-                    peek_all(series.counter_exemplars, shown),
+                    self._accept_rows(series, shown),
                     series.steps_without_drafts,
                 )
                 for method, series in self._series.items()
@@ -299,16 +335,30 @@ class SpecDecodeCollector(Collector):
             reasons = {DROPPED: dict(self.drops.counts),
                        TRACED_STEPS_SKIPPED: dict(self.skipped.counts),
                        EXEMPLARS_WITHHELD: dict(self.withheld.counts)}
-            folded = self.folded
+            folded: tuple[tuple[str, int], ...] = (("method", self.folded),)
+            if self._groups is not None and self.group_label is not None:
+                folded += ((self.group_label, self._groups.folded),)
             drafters = tuple((method, *info) for method, info in self._drafters.items())
         series_data = []
-        for method, latency, accepted_hist, draft_hist, length_ex, counter_ex, plain in raw:
-            summary = AcceptSummary(accepted_hist, draft_hist)
-            totals = ((summary.drafts, summary.draft_tokens, summary.accepted, summary.emitted),
-                      summary.per_position(draft_hist), summary.per_position(accepted_hist))
-            series_data.append((method, latency, accepted_hist, draft_hist, length_ex,
-                                counter_ex, totals, plain))
+        for method, latency, rows, plain in raw:
+            accept_rows = []
+            for group, accepted_hist, draft_hist, length_ex, counter_ex in rows:
+                summary = AcceptSummary(accepted_hist, draft_hist)
+                totals = ((summary.drafts, summary.draft_tokens, summary.accepted,
+                           summary.emitted),
+                          summary.per_position(draft_hist), summary.per_position(accepted_hist))
+                accept_rows.append(AcceptRow(group, accepted_hist, draft_hist, length_ex,
+                                             counter_ex, totals))
+            series_data.append(MethodSnapshot(method, latency, accept_rows, plain))
         return Snapshot(series_data, reasons, folded, drafters)
+
+    def _accept_rows(self, series: MethodSeries, shown: list) -> list[tuple]:
+        # Caller holds self._lock.
+        if series.grouped is not None and self._groups is not None:
+            return series.grouped.snapshot(self._groups, shown)
+        return [(None, series.accepted_hist.copy(), series.draft_hist.copy(),
+                 peek_all(series.accepted_exemplars, shown),
+                 peek_all(series.counter_exemplars, shown))]
 
     def collect(self) -> Iterator[Metric]:
         """Metric families, as the Collector contract says. Read by prometheus_client's
@@ -321,31 +371,39 @@ class SpecDecodeCollector(Collector):
         snapshot = self._snapshot([])
         stage_les, step_les, length_les, positions = self._layout()
         no_exemplars: list[Exemplar | None] = [None] * (self.max_draft_tokens + 2)
-        for (method, latency, accepted_hist, draft_hist, length_ex, counter_ex, totals,
-             plain) in snapshot.series:
-            for stage, (counts, total, ex) in zip(STAGES, latency[:-1]):
+        for data in snapshot.series:
+            method = data.method
+            for stage, (counts, total, ex) in zip(STAGES, data.latency[:-1]):
                 families[STAGE_DURATION].add_metric([method, stage, *const],
                                                     _buckets(stage_les, counts, ex), total)
-            counts, total, ex = latency[-1]
+            counts, total, ex = data.latency[-1]
             families[STEP_DURATION].add_metric(
                 [method, *const], _buckets(step_les, counts, ex), total)
-            length_counts = [*accepted_hist.tolist(), 0]
-            families[ACCEPTED_LENGTH].add_metric(
-                [method, *const], _buckets(length_les, length_counts, length_ex),
-                float(sum(i * n for i, n in enumerate(length_counts))))
-            draft_counts = [*draft_hist.tolist(), 0]
-            families[DRAFT_LENGTH].add_metric(
-                [method, *const], _buckets(length_les, draft_counts, no_exemplars),
-                float(sum(i * n for i, n in enumerate(draft_counts))))
-            for spec, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, totals[0], counter_ex):
-                families[spec].add_metric([method, *const], float(value), exemplar=exemplar)
-            families[STEPS_WITHOUT_DRAFTS].add_metric([method, *const], float(plain))
-            for spec, values in zip(PER_POSITION_COUNTERS, totals[1:]):
-                for position, value in zip(positions, values):
-                    families[spec].add_metric([method, position, *const], float(value))
+            for row in data.rows:
+                group = () if row.group is None else (row.group,)
+                length_counts = [*row.accepted_hist.tolist(), 0]
+                families[ACCEPTED_LENGTH].add_metric(
+                    [method, *group, *const],
+                    _buckets(length_les, length_counts, row.length_exemplars),
+                    float(sum(i * n for i, n in enumerate(length_counts))))
+                draft_counts = [*row.draft_hist.tolist(), 0]
+                families[DRAFT_LENGTH].add_metric(
+                    [method, *group, *const], _buckets(length_les, draft_counts, no_exemplars),
+                    float(sum(i * n for i, n in enumerate(draft_counts))))
+                for spec, value, exemplar in zip(COUNTERS_WITH_EXEMPLARS, row.totals[0],
+                                                 row.counter_exemplars):
+                    families[spec].add_metric([method, *group, *const], float(value),
+                                              exemplar=exemplar)
+                for spec, values in zip(PER_POSITION_COUNTERS, row.totals[1:]):
+                    for position, value in zip(positions, values):
+                        families[spec].add_metric([method, position, *group, *const],
+                                                  float(value))
+            families[STEPS_WITHOUT_DRAFTS].add_metric([method, *const],
+                                                      float(data.plain_steps))
         for drafter in snapshot.drafters:
             families[DRAFTER_INFO].add_metric([*drafter, *const], {})
-        families[LABEL_VALUES_FOLDED].add_metric(["method", *const], float(snapshot.folded))
+        for label, value in snapshot.folded:
+            families[LABEL_VALUES_FOLDED].add_metric([label, *const], float(value))
         for spec in REASON_COUNTERS:
             for reason, value in snapshot.reasons[spec].items():
                 families[spec].add_metric([reason, *const], float(value))
@@ -359,18 +417,21 @@ class SpecDecodeCollector(Collector):
         shown: list = []
         snapshot = self._snapshot(shown)
         texts = self._texts
-        for method, *_ in snapshot.series:
-            if method not in texts:
-                texts[method] = SeriesText(method, self.const_labels, *self._layout())
+        for data in snapshot.series:
+            if data.method not in texts:
+                texts[data.method] = SeriesText(data.method, self.const_labels, *self._layout(),
+                                                group_label=self.group_label)
         prefixes = self._reason_prefixes
         for spec, counts in snapshot.reasons.items():
             for reason in counts:
                 if (spec, reason) not in prefixes:
                     labels = label_text({"reason": reason, **self.const_labels})
                     prefixes[(spec, reason)] = f"{spec.name}{labels} "
-        if self._folded_prefix is None:
-            labels = label_text({"label": "method", **self.const_labels})
-            self._folded_prefix = f"{LABEL_VALUES_FOLDED.name}{labels} "
+        folded_prefixes = self._folded_prefixes
+        for label, _ in snapshot.folded:
+            if label not in folded_prefixes:
+                labels = label_text({"label": label, **self.const_labels})
+                folded_prefixes[label] = f"{LABEL_VALUES_FOLDED.name}{labels} "
         drafter_prefixes = self._drafter_prefixes
         for drafter in snapshot.drafters:
             if drafter not in drafter_prefixes:
@@ -379,7 +440,7 @@ class SpecDecodeCollector(Collector):
                 drafter_prefixes[drafter] = f"{DRAFTER_INFO.name}{labels} "
         out: list[str] = []
         render_snapshot(snapshot, texts, self._headers[openmetrics], prefixes,
-                        self._folded_prefix, openmetrics, out,
+                        folded_prefixes, openmetrics, out,
                         [drafter_prefixes[d] for d in snapshot.drafters])
         return "".join(out), ShownExemplars(self._lock, shown if openmetrics else [])
 
@@ -389,6 +450,11 @@ class SpecDecodeCollector(Collector):
         k = self.max_draft_tokens
         length_les = [floatToGoString(float(i)) for i in range(k + 1)] + ["+Inf"]
         return stage_les, step_les, length_les, [str(p) for p in range(k)]
+
+
+def _verify_span(exemplars: StepExemplars) -> str:
+    """The span acceptance exemplars point at: verify's, else the step's."""
+    return exemplars.stage_span_ids[STAGES.index("verify")] or exemplars.step_span_id
 
 
 def _buckets(les: list[str], counts: list[int], exemplars: list[Exemplar | None]) -> list[tuple]:

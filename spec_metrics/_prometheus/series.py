@@ -1,8 +1,9 @@
 """What a collector aggregates for one `method`, and the copy a scrape renders from.
 
 Latency histograms keep plain Python ints (fastest for one value per step); the accepted and
-draft-length histograms are numpy arrays (one vectorized add per verify pass). Every bucket
-and counter has an exemplar slot (exemplars.py).
+draft-length histograms are numpy arrays (one vectorized add per verify pass), per request
+group with a group label (groups.py). Every bucket and counter has an exemplar slot
+(exemplars.py).
 """
 
 from __future__ import annotations
@@ -14,21 +15,40 @@ import numpy as np
 from prometheus_client.samples import Exemplar
 
 from spec_metrics._prometheus.exemplars import ExemplarSlots
+from spec_metrics._prometheus.groups import GroupedSeries
 from spec_metrics.catalog import COUNTERS_WITH_EXEMPLARS, STAGES, MetricSpec
 
-__all__ = ["MethodSeries", "Snapshot", "peek_all"]
+__all__ = ["AcceptRow", "MethodSeries", "MethodSnapshot", "Snapshot", "peek_all"]
+
+
+class AcceptRow(NamedTuple):
+    """The acceptance series of one method, or of one (method, group) with a group label."""
+
+    group: str | None  # None: the collector has no group label
+    accepted_hist: np.ndarray
+    draft_hist: np.ndarray
+    length_exemplars: list[Exemplar | None]
+    counter_exemplars: list[Exemplar | None]  # COUNTERS_WITH_EXEMPLARS' order
+    # ((drafts, draft_tokens, accepted, emitted), draft tokens per position, accepted per
+    # position)
+    totals: tuple
+
+
+class MethodSnapshot(NamedTuple):
+    method: str
+    latency: list[tuple]  # (counts, sum, exemplars) per stage, then of the step
+    rows: list[AcceptRow]  # one without a group label, else one per group recorded
+    plain_steps: int  # verify passes without any draft token
 
 
 class Snapshot(NamedTuple):
-    # per method: (method, latency [(counts, sum, exemplars)] per stage then step,
-    #  accepted_hist, draft_hist, length exemplars, counter exemplars,
-    #  ((drafts, draft_tokens, accepted, emitted), draft per position, accepted per position),
-    #  steps without drafts)
-    series: list[tuple]
+    series: list[MethodSnapshot]
     # catalog.REASON_COUNTERS' values: dropped input, steps selected for tracing and not
     # traced, traced steps whose exemplars were withheld; each by reason.
     reasons: dict[MetricSpec, dict[str, int]]
-    folded: int  # steps recorded under method="other"
+    # (label, count) of spec_metrics_label_values_folded_total: ("method", steps), then
+    # (the group label, requests) when there is one
+    folded: tuple[tuple[str, int], ...]
     # (method, target, drafter, num_speculative_tokens) as last declared per method
     drafters: tuple[tuple[str, str, str, str], ...] = ()
 
@@ -52,13 +72,14 @@ class LatencyHistogram:
 
 
 class MethodSeries:
-    """Everything aggregated for one method."""
+    """Everything aggregated for one method. With a group label, the acceptance
+    histograms and their exemplars are kept per group in `grouped` instead."""
 
     __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
-                 "counter_exemplars", "steps_without_drafts")
+                 "counter_exemplars", "steps_without_drafts", "grouped")
 
     def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
-                 max_k: int, hold: float) -> None:
+                 max_k: int, hold: float, max_groups: int | None = None) -> None:
         self.stages = [LatencyHistogram(stage_bounds, hold) for _ in STAGES]
         self.step = LatencyHistogram(step_bounds, hold)
         self.accepted_hist = np.zeros(max_k + 1, dtype=np.int64)
@@ -66,6 +87,8 @@ class MethodSeries:
         self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
         self.counter_exemplars = ExemplarSlots(len(COUNTERS_WITH_EXEMPLARS), hold)
         self.steps_without_drafts = 0  # verify passes in which no request had drafts
+        self.grouped = (GroupedSeries(max_groups, max_k, hold) if max_groups is not None
+                        else None)
 
 
 def peek_all(slots: ExemplarSlots, shown: list) -> list[Exemplar | None]:

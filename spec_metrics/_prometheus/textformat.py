@@ -3,10 +3,11 @@
 prometheus_client formats every sample from scratch on every scrape: it sorts and escapes
 each label set, one character at a time for names in the OpenMetrics writer (0.26). Our
 series have a fixed layout (the same families, label sets and bucket bounds for as long as
-a method exists), so everything but the numbers is formatted once per method here and a
-scrape only joins cached prefixes with the current values. Both writers (OpenMetrics 1.0 and
-the classic text format) are reproduced for the legacy name charset, which is all the
-catalog uses; tests compare the output with prometheus_client's byte for byte.
+a method, or a request group, exists), so everything but the numbers is formatted once per
+method (and group) here and a scrape only joins cached prefixes with the current values.
+Both writers (OpenMetrics 1.0 and the classic text format) are reproduced for the legacy
+name charset, which is all the catalog uses; tests compare the output with
+prometheus_client's byte for byte.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from spec_metrics.catalog import (
 if TYPE_CHECKING:
     from spec_metrics._prometheus.series import Snapshot
 
-__all__ = ["SeriesText", "family_header", "format_count", "label_text", "render_snapshot"]
+__all__ = ["RowText", "SeriesText", "family_header", "format_count", "label_text",
+           "render_snapshot"]
 
 
 def _escape_value(value: str) -> str:
@@ -101,71 +103,99 @@ class _HistogramText:
         out.append(f"{self.sum}{floatToGoString(total)}\n")
 
 
+class RowText:
+    """The acceptance-series prefixes of one method, or of one (method, group)."""
+
+    __slots__ = ("length", "draft_length", "counters", "positions")
+
+    def __init__(self, labels: dict[str, str], length_les: Sequence[str],
+                 positions: Sequence[str]) -> None:
+        self.length = _HistogramText(ACCEPTED_LENGTH.name, labels, length_les)
+        self.draft_length = _HistogramText(DRAFT_LENGTH.name, labels, length_les)
+        self.counters = [f"{spec.name}{label_text(labels)} " for spec in COUNTERS_WITH_EXEMPLARS]
+        self.positions = [[f"{spec.name}{label_text({**labels, 'position': p})} "
+                           for p in positions] for spec in PER_POSITION_COUNTERS]
+
+
 class SeriesText:
-    """Every sample prefix (`name{labels} `) of one method, formatted once."""
+    """Every sample prefix (`name{labels} `) of one method, formatted once; those of a
+    group when the group first shows up."""
 
     def __init__(self, method: str, const: Mapping[str, str], stage_les: Sequence[str],
                  step_les: Sequence[str], length_les: Sequence[str],
-                 positions: Sequence[str]) -> None:
+                 positions: Sequence[str], group_label: str | None = None) -> None:
         base = {"method": method, **const}
         self.stages = [_HistogramText(STAGE_DURATION.name, {**base, "stage": stage}, stage_les)
                        for stage in STAGES]
         self.step = _HistogramText(STEP_DURATION.name, base, step_les)
-        self.length = _HistogramText(ACCEPTED_LENGTH.name, base, length_les)
-        self.draft_length = _HistogramText(DRAFT_LENGTH.name, base, length_les)
         self.plain_steps = f"{STEPS_WITHOUT_DRAFTS.name}{label_text(base)} "
-        self.counters = [f"{spec.name}{label_text(base)} " for spec in COUNTERS_WITH_EXEMPLARS]
-        self.positions = [[f"{spec.name}{label_text({**base, 'position': p})} "
-                           for p in positions] for spec in PER_POSITION_COUNTERS]
+        self._base = base
+        self._group_label = group_label
+        self._layout = (length_les, positions)
+        self._rows: dict[str | None, RowText] = {}
+
+    def row(self, group: str | None) -> RowText:
+        """The prefixes of the acceptance series of `group` (None: no group label)."""
+        text = self._rows.get(group)
+        if text is None:
+            labels = (self._base if group is None or self._group_label is None
+                      else {**self._base, self._group_label: group})
+            text = self._rows[group] = RowText(labels, *self._layout)
+        return text
 
 
 def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
                     headers: Mapping[MetricSpec, str],
                     reason_prefixes: Mapping[tuple[MetricSpec, str], str],
-                    folded_prefix: str, openmetrics: bool, out: list[str],
+                    folded_prefixes: Mapping[str, str], openmetrics: bool, out: list[str],
                     drafter_prefixes: Sequence[str] = ()) -> None:
     """Append the collector's families in catalog order (as collect() yields them)."""
-    series = [(texts[method], data) for method, *data in snapshot.series]
+    series = [(texts[data.method], data) for data in snapshot.series]
+    rows = [(text.row(row.group), row) for text, data in series for row in data.rows]
     keep = openmetrics  # only OpenMetrics carries exemplars
     for spec in METRICS:
         out.append(headers[spec])
         if spec is STAGE_DURATION:
-            for text, (latency, *_rest) in series:
-                for stage_text, (counts, total, exemplars) in zip(text.stages, latency[:-1]):
+            for text, data in series:
+                for stage_text, (counts, total, exemplars) in zip(text.stages,
+                                                                   data.latency[:-1]):
                     stage_text.render(out, counts, total, exemplars if keep else None)
         elif spec is STEP_DURATION:
-            for text, (latency, *_rest) in series:
-                counts, total, exemplars = latency[-1]
+            for text, data in series:
+                counts, total, exemplars = data.latency[-1]
                 text.step.render(out, counts, total, exemplars if keep else None)
         elif spec is ACCEPTED_LENGTH:
-            for text, (_l, accepted_hist, _d, length_ex, _c, _s, _p) in series:
-                counts = [*accepted_hist.tolist(), 0]
+            for row_text, row in rows:
+                counts = [*row.accepted_hist.tolist(), 0]
                 total = float(sum(i * n for i, n in enumerate(counts)))
-                text.length.render(out, counts, total, length_ex if keep else None)
+                row_text.length.render(out, counts, total,
+                                       row.length_exemplars if keep else None)
         elif spec is DRAFT_LENGTH:
-            for text, (_l, _a, draft_hist, _e, _c, _s, _p) in series:
-                counts = [*draft_hist.tolist(), 0]
+            for row_text, row in rows:
+                counts = [*row.draft_hist.tolist(), 0]
                 total = float(sum(i * n for i, n in enumerate(counts)))
-                text.draft_length.render(out, counts, total, None)
+                row_text.draft_length.render(out, counts, total, None)
         elif spec is STEPS_WITHOUT_DRAFTS:
-            for text, (*_rest, plain) in series:
-                out.append(f"{text.plain_steps}{format_count(plain)}\n")
+            for text, data in series:
+                out.append(f"{text.plain_steps}{format_count(data.plain_steps)}\n")
         elif spec in COUNTERS_WITH_EXEMPLARS:
             index = COUNTERS_WITH_EXEMPLARS.index(spec)
-            for text, (_l, _a, _d, _e, counter_ex, totals, _p) in series:
-                exemplar = counter_ex[index] if keep else None
+            for row_text, row in rows:
+                exemplar = row.counter_exemplars[index] if keep else None
                 tail = "" if exemplar is None else _exemplar_text(exemplar)
-                out.append(f"{text.counters[index]}{format_count(totals[0][index])}{tail}\n")
+                out.append(f"{row_text.counters[index]}"
+                           f"{format_count(row.totals[0][index])}{tail}\n")
         elif spec in PER_POSITION_COUNTERS:
             index = PER_POSITION_COUNTERS.index(spec)
-            for text, (_l, _a, _d, _e, _c, totals, _p) in series:
-                for prefix, value in zip(text.positions[index], totals[1 + index]):
+            for row_text, row in rows:
+                for prefix, value in zip(row_text.positions[index], row.totals[1 + index]):
                     out.append(f"{prefix}{format_count(value)}\n")
         elif spec is DRAFTER_INFO:
             for prefix in drafter_prefixes:
                 out.append(f"{prefix}1.0\n")
         elif spec is LABEL_VALUES_FOLDED:
-            out.append(f"{folded_prefix}{format_count(snapshot.folded)}\n")
+            for label, value in snapshot.folded:
+                out.append(f"{folded_prefixes[label]}{format_count(value)}\n")
         else:  # one of REASON_COUNTERS
             for reason, value in snapshot.reasons[spec].items():
                 out.append(f"{reason_prefixes[(spec, reason)]}{format_count(value)}\n")

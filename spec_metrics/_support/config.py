@@ -21,7 +21,7 @@ from spec_metrics.catalog import (
     STAGES,
 )
 
-__all__ = ["HooksConfig", "ENV_VARS"]
+__all__ = ["HooksConfig", "ENV_VARS", "check_group_label"]
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -89,6 +89,13 @@ class HooksConfig:
     # Distinct `method` label values a collector keeps; steps of further methods are
     # recorded under method="other" and counted in spec_metrics_label_values_folded_total.
     max_methods: int = 32
+    # Label name under which acceptance is broken down by request group (adapter, tenant,
+    # workload class), e.g. "group": verify_end(..., groups=[...]) gives one value per
+    # request. None: no group label (and groups= is rejected). See catalog.GROUPED_METRICS.
+    group_label: str | None = None
+    # Distinct group values a collector keeps; requests of further values are recorded
+    # under group="other" and counted in spec_metrics_label_values_folded_total.
+    max_groups: int = 16
     # "cpu": perf_counter_ns at the hooks. "cuda": CUDA events recorded at the hooks and
     # read once completed, for stages whose work runs on the GPU.
     timer: str = "cpu"
@@ -185,6 +192,7 @@ class HooksConfig:
                f"batch_steps must be an integer within [1, 4096], got {self.batch_steps!r}")
         _check(isinstance(self.max_methods, int) and self.max_methods >= 1,
                f"max_methods must be an integer >= 1, got {self.max_methods!r}")
+        check_group_label(self.group_label, self.max_groups, labels)
         _check(self.max_traced_steps_per_second > 0,
                "max_traced_steps_per_second must be > 0, "
                f"got {self.max_traced_steps_per_second!r}")
@@ -199,6 +207,29 @@ class HooksConfig:
         if isinstance(self.slow_stage_seconds, Mapping):
             return self.slow_stage_seconds.get(stage)
         return self.slow_stage_seconds
+
+
+def check_group_label(group_label: Any, max_groups: Any, labels: Mapping[str, str]) -> None:
+    """ValueError unless `group_label` is None or a label name spec_metrics may add to the
+    grouped series beside `labels` (the constant labels), and `max_groups` an int >= 1."""
+    _check(isinstance(max_groups, int) and not isinstance(max_groups, bool)
+           and max_groups >= 1,
+           f"max_groups must be an integer >= 1 (distinct group values kept per collector), "
+           f"got {max_groups!r}")
+    if group_label is None:
+        return
+    _check(isinstance(group_label, str) and bool(_LABEL_NAME.match(group_label))
+           and not group_label.startswith("__"),
+           f"group_label={group_label!r} is not a valid Prometheus label name: use letters, "
+           "digits and underscores, not starting with a digit or '__', e.g. group_label="
+           "'group' or 'tenant'")
+    _check(group_label not in RESERVED_LABELS,
+           f"group_label={group_label!r} is a label spec_metrics sets itself (reserved: "
+           f"{', '.join(sorted(RESERVED_LABELS))}); choose another name, e.g. 'group'")
+    _check(group_label not in labels,
+           f"group_label={group_label!r} is also a constant label ({group_label}="
+           f"{labels.get(group_label)!r}); remove it from labels= or choose another "
+           "group_label")
 
 
 def _short_nonempty(value: str) -> bool:

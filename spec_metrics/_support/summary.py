@@ -7,6 +7,7 @@ plain value, so that the tracing and metrics layers depend on it and not on the 
 from __future__ import annotations
 
 from operator import mul
+from typing import Sequence
 
 import numpy as np
 
@@ -14,11 +15,15 @@ __all__ = ["AcceptSummary"]
 
 
 class AcceptSummary:
-    """One verify pass, reduced to histograms over draft length and accepted length."""
+    """One verify pass, reduced to histograms over draft length and accepted length; with
+    request groups, also one row of each histogram per group value of the batch."""
 
-    __slots__ = ("accepted_hist", "draft_hist", "requests", "accepted", "draft_tokens", "drafts")
+    __slots__ = ("accepted_hist", "draft_hist", "requests", "accepted", "draft_tokens", "drafts",
+                 "groups", "group_accepted", "group_draft")
 
-    def __init__(self, accepted_hist: np.ndarray, draft_hist: np.ndarray) -> None:
+    def __init__(self, accepted_hist: np.ndarray, draft_hist: np.ndarray,
+                 groups: Sequence[str] | None = None, group_accepted: np.ndarray | None = None,
+                 group_draft: np.ndarray | None = None) -> None:
         # accepted_hist[i]: requests that accepted exactly i tokens;
         # draft_hist[k]: requests that were given exactly k draft tokens.
         self.accepted_hist = accepted_hist
@@ -29,6 +34,12 @@ class AcceptSummary:
         self.accepted = sum(map(mul, accepted, range(len(accepted))))
         self.draft_tokens = sum(map(mul, drafted, range(len(drafted))))
         self.drafts = self.requests - drafted[0]
+        # The distinct group values of the batch (first seen first), and per value a row of
+        # each histogram (shape: groups x K+1; the rows sum to the histograms above). None
+        # when verify_end had no groups.
+        self.groups = groups
+        self.group_accepted = group_accepted
+        self.group_draft = group_draft
 
     @property
     def emitted(self) -> int:
