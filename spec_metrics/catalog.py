@@ -18,6 +18,8 @@ __all__ = [
     "DRAFT_LENGTH",
     "DRAFTER_INFO",
     "STEPS_WITHOUT_DRAFTS",
+    "PLAIN_STEP_DURATION",
+    "PLAIN_STEP_TOKENS",
     "DRAFTS",
     "DRAFT_TOKENS",
     "ACCEPTED_TOKENS",
@@ -165,6 +167,17 @@ STEPS_WITHOUT_DRAFTS = MetricSpec(
     "plain decode steps.",
     "", ("method",),
 )
+PLAIN_STEP_DURATION = MetricSpec(
+    "spec_decode_plain_step_duration_seconds_total", "counter",
+    "Time of steps without drafts (plain decode steps), their draft and draft_extend stages "
+    "excluded: what plain decoding costs in this engine.",
+    "seconds", ("method",),
+)
+PLAIN_STEP_TOKENS = MetricSpec(
+    "spec_decode_plain_step_tokens_total", "counter",
+    "Tokens emitted by steps without drafts: one per request verified.",
+    "tokens", ("method",),
+)
 DRAFTS = MetricSpec(
     "spec_decode_drafts_total", "counter",
     "Draft sequences verified: requests that had at least one draft token in a verify pass.",
@@ -241,6 +254,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ACCEPTED_TOKENS,
     EMITTED_TOKENS,
     STEPS_WITHOUT_DRAFTS,
+    PLAIN_STEP_DURATION,
+    PLAIN_STEP_TOKENS,
     DRAFT_TOKENS_PER_POSITION,
     ACCEPTED_TOKENS_PER_POSITION,
     DRAFTER_INFO,

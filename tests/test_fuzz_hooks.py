@@ -227,6 +227,8 @@ class Series:
         # by group value; without a group label, one entry (None), present from the start
         self.acceptance: dict[str | None, Acceptance] = {} if grouped else {None: Acceptance()}
         self.plain_steps = 0  # verify passes without any draft token
+        self.plain_seconds = 0.0  # their time without draft and draft_extend, in step order
+        self.plain_tokens = 0  # their requests
 
 
 class Record:
@@ -362,9 +364,11 @@ class Model:
         present = [i for i in range(len(STAGES)) if record.starts[i] and record.ends[i]]
         for i in present:
             series.stages[i].append((record.ends[i] - record.starts[i]) / 1e9)
+        step = None
         if present:
             first = min(record.starts[i] for i in present)
-            series.step.append((max(record.ends[i] for i in present) - first) / 1e9)
+            step = (max(record.ends[i] for i in present) - first) / 1e9
+            series.step.append(step)
             # trace_ratio=1: every step with a stage is traced; its spans are exported.
             self.spans += 1 + len(present)
             for index, value in enumerate(record.traceparents or ()):
@@ -395,7 +399,13 @@ class Model:
                 acceptance.accepted.append(a[mask & (d > 0)])
                 acceptance.drafts.append(d[mask])
                 acceptance.requests += int(mask.sum())
-            series.plain_steps += int(not (d > 0).any())
+            if not (d > 0).any():  # a plain decode step: time without draft stages, tokens
+                series.plain_steps += 1
+                if step is not None:
+                    stages = [(record.ends[i] - record.starts[i]) / 1e9 if i in present
+                              else 0.0 for i in (0, 2)]
+                    series.plain_seconds += max(0.0, step - stages[0] - stages[1])
+                    series.plain_tokens += a.shape[0]
         self.steps += 1
 
     def expected(self) -> dict:
@@ -425,6 +435,8 @@ class Model:
             histogram("spec_decode_step_duration_seconds", s.step, DEFAULT_STEP_BUCKETS,
                       method=method)
             put("spec_decode_steps_without_drafts_total", s.plain_steps, method=method)
+            put("spec_decode_plain_step_duration_seconds_total", s.plain_seconds, method=method)
+            put("spec_decode_plain_step_tokens_total", s.plain_tokens, method=method)
             for group, acceptance in s.acceptance.items():
                 labels = {"method": method}
                 if group is not None:

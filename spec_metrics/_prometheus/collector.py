@@ -60,6 +60,8 @@ from spec_metrics.catalog import (
     METRICS,
     OTHER_LABEL_VALUE,
     PER_POSITION_COUNTERS,
+    PLAIN_STEP_DURATION,
+    PLAIN_STEP_TOKENS,
     REASON_COUNTERS,
     SKIP_REASONS,
     STAGE_DURATION,
@@ -75,6 +77,8 @@ if TYPE_CHECKING:
     from spec_metrics._support.config import HooksConfig
 
 __all__ = ["Snapshot", "SpecDecodeCollector"]
+
+_DRAFT, _EXTEND = STAGES.index("draft"), STAGES.index("draft_extend")
 
 
 class SpecDecodeCollector(Collector):
@@ -279,8 +283,13 @@ class SpecDecodeCollector(Collector):
                 if exemplars is not None:
                     grouped.offer_exemplars(rows, accepted, draft, exemplars,
                                             _verify_span(exemplars), now)
-            if not summary.draft_hist[1:].any():
+            if not summary.draft_hist[1:].any():  # a plain decode step: the baseline
                 series.steps_without_drafts += 1
+                if step_seconds is not None:
+                    plain = (step_seconds - (stage_seconds[_DRAFT] or 0.0)
+                             - (stage_seconds[_EXTEND] or 0.0))
+                    series.plain_seconds += plain if plain > 0.0 else 0.0
+                    series.plain_tokens += summary.requests
 
     @staticmethod
     def _offer_accept_exemplars(series: MethodSeries, summary: AcceptSummary,
@@ -329,6 +338,8 @@ class SpecDecodeCollector(Collector):
                      for h in (*series.stages, series.step)],
                     self._accept_rows(series, shown),
                     series.steps_without_drafts,
+                    series.plain_seconds,
+                    series.plain_tokens,
                 )
                 for method, series in self._series.items()
             ]
@@ -340,7 +351,7 @@ class SpecDecodeCollector(Collector):
                 folded += ((self.group_label, self._groups.folded),)
             drafters = tuple((method, *info) for method, info in self._drafters.items())
         series_data = []
-        for method, latency, rows, plain in raw:
+        for method, latency, rows, plain_steps, plain_seconds, plain_tokens in raw:
             accept_rows = []
             for group, accepted_hist, draft_hist, length_ex, counter_ex in rows:
                 summary = AcceptSummary(accepted_hist, draft_hist)
@@ -349,7 +360,8 @@ class SpecDecodeCollector(Collector):
                           summary.per_position(draft_hist), summary.per_position(accepted_hist))
                 accept_rows.append(AcceptRow(group, accepted_hist, draft_hist, length_ex,
                                              counter_ex, totals))
-            series_data.append(MethodSnapshot(method, latency, accept_rows, plain))
+            series_data.append(MethodSnapshot(method, latency, accept_rows, plain_steps,
+                                              plain_seconds, plain_tokens))
         return Snapshot(series_data, reasons, folded, drafters)
 
     def _accept_rows(self, series: MethodSeries, shown: list) -> list[tuple]:
@@ -400,6 +412,8 @@ class SpecDecodeCollector(Collector):
                                                   float(value))
             families[STEPS_WITHOUT_DRAFTS].add_metric([method, *const],
                                                       float(data.plain_steps))
+            families[PLAIN_STEP_DURATION].add_metric([method, *const], data.plain_seconds)
+            families[PLAIN_STEP_TOKENS].add_metric([method, *const], float(data.plain_tokens))
         for drafter in snapshot.drafters:
             families[DRAFTER_INFO].add_metric([*drafter, *const], {})
         for label, value in snapshot.folded:

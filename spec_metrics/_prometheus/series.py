@@ -39,6 +39,8 @@ class MethodSnapshot(NamedTuple):
     latency: list[tuple]  # (counts, sum, exemplars) per stage, then of the step
     rows: list[AcceptRow]  # one without a group label, else one per group recorded
     plain_steps: int  # verify passes without any draft token
+    plain_seconds: float  # their time, draft and draft_extend stages excluded
+    plain_tokens: int  # their requests verified: one token each
 
 
 class Snapshot(NamedTuple):
@@ -76,7 +78,8 @@ class MethodSeries:
     histograms and their exemplars are kept per group in `grouped` instead."""
 
     __slots__ = ("stages", "step", "accepted_hist", "draft_hist", "accepted_exemplars",
-                 "counter_exemplars", "steps_without_drafts", "grouped")
+                 "counter_exemplars", "steps_without_drafts", "plain_seconds", "plain_tokens",
+                 "grouped")
 
     def __init__(self, stage_bounds: tuple[float, ...], step_bounds: tuple[float, ...],
                  max_k: int, hold: float, max_groups: int | None = None) -> None:
@@ -87,6 +90,10 @@ class MethodSeries:
         self.accepted_exemplars = ExemplarSlots(max_k + 2, hold)
         self.counter_exemplars = ExemplarSlots(len(COUNTERS_WITH_EXEMPLARS), hold)
         self.steps_without_drafts = 0  # verify passes in which no request had drafts
+        # The timed ones among them: their seconds without draft and draft_extend (what a
+        # plain decode step costs here), and their tokens (one per request).
+        self.plain_seconds = 0.0
+        self.plain_tokens = 0
         self.grouped = (GroupedSeries(max_groups, max_k, hold) if max_groups is not None
                         else None)
 

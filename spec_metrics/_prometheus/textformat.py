@@ -27,6 +27,8 @@ from spec_metrics.catalog import (
     LABEL_VALUES_FOLDED,
     METRICS,
     PER_POSITION_COUNTERS,
+    PLAIN_STEP_DURATION,
+    PLAIN_STEP_TOKENS,
     STAGE_DURATION,
     STAGES,
     STEP_DURATION,
@@ -129,6 +131,8 @@ class SeriesText:
                        for stage in STAGES]
         self.step = _HistogramText(STEP_DURATION.name, base, step_les)
         self.plain_steps = f"{STEPS_WITHOUT_DRAFTS.name}{label_text(base)} "
+        self.plain_seconds = f"{PLAIN_STEP_DURATION.name}{label_text(base)} "
+        self.plain_tokens = f"{PLAIN_STEP_TOKENS.name}{label_text(base)} "
         self._base = base
         self._group_label = group_label
         self._layout = (length_les, positions)
@@ -178,6 +182,12 @@ def render_snapshot(snapshot: "Snapshot", texts: Mapping[str, SeriesText],
         elif spec is STEPS_WITHOUT_DRAFTS:
             for text, data in series:
                 out.append(f"{text.plain_steps}{format_count(data.plain_steps)}\n")
+        elif spec is PLAIN_STEP_DURATION:
+            for text, data in series:
+                out.append(f"{text.plain_seconds}{floatToGoString(data.plain_seconds)}\n")
+        elif spec is PLAIN_STEP_TOKENS:
+            for text, data in series:
+                out.append(f"{text.plain_tokens}{format_count(data.plain_tokens)}\n")
         elif spec in COUNTERS_WITH_EXEMPLARS:
             index = COUNTERS_WITH_EXEMPLARS.index(spec)
             for row_text, row in rows:
