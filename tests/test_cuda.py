@@ -192,3 +192,46 @@ def test_poll_publishes_pending_steps_while_the_engine_idles(registry):
     families = scrape(registry)
     assert sample_value(families, "spec_decode_accepted_tokens",
                         "spec_decode_accepted_tokens_total") == 6
+
+
+def test_device_counts_with_request_groups_without_any_sync(registry):
+    """Groups are host values: they wait with the step until the device counts land, and
+    the per-group series are exact."""
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4, group_label="adapter",
+                                         max_groups=2)
+    accepted = torch.tensor([0, 1, 2, 3, 4, 4], device="cuda")
+    drafts = torch.tensor([4, 4, 2, 4, 4, 4], device="cuda")
+    groups = ["a", "b", "a", "c", "b", "c"]  # c folds: 2 requests a step
+    hooks.warm_up_device(8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            _step_with(hooks, accepted.clone(), drafts.clone(), groups,
+                       busy_cycles=SLEEP_CYCLES // 10)
+        pending_while_busy = len(hooks._pending)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert pending_while_busy >= 1
+    hooks.flush()
+    families = scrape(registry)
+    for group, (accepted_tokens, draft_tokens) in {"a": (2, 6), "b": (5, 8),
+                                                   "other": (7, 8)}.items():
+        assert sample_value(families, "spec_decode_accepted_tokens",
+                            "spec_decode_accepted_tokens_total",
+                            adapter=group) == 5 * accepted_tokens
+        assert sample_value(families, "spec_decode_draft_tokens",
+                            "spec_decode_draft_tokens_total", adapter=group) == 5 * draft_tokens
+    assert sample_value(families, "spec_metrics_label_values_folded",
+                        "spec_metrics_label_values_folded_total", label="adapter") == 5 * 2
+    assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
+
+
+def _step_with(hooks, accepted, drafts, groups, busy_cycles=0):
+    hooks.begin_step()
+    hooks.verify_start()
+    if busy_cycles:
+        torch.cuda._sleep(busy_cycles)
+    hooks.verify_end(accepted, drafts, groups)
+    hooks.end_step()
