@@ -437,3 +437,14 @@ def test_device_counts_with_bad_groups_give_their_buffer_back(registry, device_c
     verify(hooks, copy, 2, ["a"])  # wrong length: the copy is released, its buffer given back
     assert discarded == [copy] and not hooks._pending
     assert hooks.collector.drops.counts["wrong_shape"] == 1
+
+
+def test_a_forked_child_starts_with_an_empty_group_table(registry) -> None:
+    hooks = grouped_hooks(registry, max_groups=1)
+    verify(hooks, [1, 1], 1, ["a", "b"])  # b folds
+    hooks.collector._reset_after_fork()  # what the fork hook runs in the child
+    verify(hooks, [1], 1, ["b"])  # b is first now: it gets the slot
+    families = scrape(registry)
+    assert groups_of(families) == ["b"]
+    assert value(families, "spec_metrics_label_values_folded",
+                 "spec_metrics_label_values_folded_total", label="adapter") == 0
