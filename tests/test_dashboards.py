@@ -17,6 +17,7 @@ import yaml
 if sys.version_info < (3, 11):  # the SDK needs 3.11; on 3.11+ a missing SDK is a failure
     pytest.skip("grafana-foundation-sdk needs Python >= 3.11", allow_module_level=True)
 
+from spec_metrics import catalog  # noqa: E402
 from spec_metrics.catalog import METRICS, STAGES, by_name  # noqa: E402
 from spec_metrics.ops import dashboards  # noqa: E402
 
@@ -166,9 +167,33 @@ def test_variables(dash):
 def test_const_labels_are_a_parameter():
     dash = dashboards.build_dashboard(const_labels=("cluster",))
     names = {v["name"] for v in dash["templating"]["list"]}
-    assert names == {"datasource", "method", "cluster"}
+    assert names == {"datasource", "method", "cluster", "group"}
     for _, _, expr in dashboards.panel_queries(dash):
         assert 'cluster=~"$cluster"' in expr and "$model" not in expr
+
+
+def test_group_label_is_a_parameter_and_filters_grouped_series_only():
+    dash = dashboards.build_dashboard(group_label="tenant")
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert names == {"datasource", "method", "model", "engine", "tenant"}
+    (variable,) = [v for v in dash["templating"]["list"] if v["name"] == "tenant"]
+    assert "spec_decode_drafts_total" in json.dumps(variable["query"])
+    grouped = {spec.name for spec in catalog.METRICS if spec.grouped}
+    filtered = 0
+    for title, _, expr in dashboards.panel_queries(dash):
+        for selector in re.findall(r"(\w+)\{([^}]*)\}", expr):
+            name, matchers = selector
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base in grouped or name in grouped:
+                assert 'tenant=~"$tenant"' in matchers, (title, expr)
+                filtered += 1
+            elif name.startswith("spec_decode_"):
+                assert "tenant" not in matchers, (title, expr)
+    assert filtered > 5
+    by_title = {t: e for t, _, e in dashboards.panel_queries(dash)}
+    assert "sum by (method, tenant)" in by_title["Acceptance rate by group"]
+    with pytest.raises(ValueError, match="also a constant label"):
+        dashboards.build_dashboard(group_label="model")
 
 
 @pytest.mark.parametrize("bad", ["method", "stage", "le", "datasource", "__x", "bad-name", ""])

@@ -106,6 +106,13 @@ def test_ratio_alerts_carry_the_traffic_guard():
     for alert in (r for r in _rules(build_rules()) if "alert" in r):
         if alert["alert"] == "SpecDecodeMetricsAbsent":
             assert "up == 1" in alert["expr"] and "present_over_time(" in alert["expr"]
+        elif alert["alert"] == "SpecDecodeAcceptanceDropped":
+            # Per group, and on both windows: traffic now and in the baseline window.
+            by = "and on (method, group, model, engine)\n"
+            assert alert["expr"].endswith(
+                f"{by}method_group_model_engine:spec_decode_drafts:rate1h_offset5m > 1"), alert
+            assert f"{by}method_group_model_engine:spec_decode_drafts:rate5m > 1\n" in \
+                alert["expr"], alert
         else:
             assert alert["expr"].endswith(f"and on (method, model, engine)\n{guard}"), alert
 
@@ -130,7 +137,7 @@ def test_runbook_lists_every_parameter_with_its_default():
 _PROMQL_WORDS = {
     "sum", "by", "on", "and", "or", "unless", "rate", "max", "group_left", "label_replace",
     "histogram_quantile", "present_over_time", "position", "stage", "le", "job", "instance",
-    "method", "model", "engine", "quantile",
+    "method", "model", "engine", "quantile", "group", "offset",
 }
 
 

@@ -8,6 +8,7 @@ of the model cache key, so a different Python simply retrains).
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import importlib
@@ -88,6 +89,23 @@ def _iter_doc_objects(mod: object) -> Iterator[object]:
                         yield sub
 
 
+def _source_docstrings(path: str) -> Iterator[str | None]:
+    """Docstrings of a module's source file: the module, its top-level classes and functions
+    (by name), and their methods (by name). Read from the file, not the live objects, so
+    the text does not depend on what else the process imported: transformers adds methods
+    to logging.Logger, torch replaces inspect.getfile."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    yield ast.get_docstring(tree)
+    defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in sorted((n for n in tree.body if isinstance(n, defs)), key=lambda n: n.name):
+        yield ast.get_docstring(node)  # type: ignore[arg-type]
+        if isinstance(node, ast.ClassDef):
+            for sub in sorted((n for n in node.body if isinstance(n, defs)),
+                              key=lambda n: n.name):
+                yield ast.get_docstring(sub)  # type: ignore[arg-type]
+
+
 def _docstrings(modules: Sequence[str]) -> list[str]:
     seen: set[str] = set()
     docs: list[str] = []
@@ -98,8 +116,12 @@ def _docstrings(modules: Sequence[str]) -> list[str]:
                 mod = importlib.import_module(name)
             except ImportError:
                 continue
-            for obj in _iter_doc_objects(mod):
-                doc = getattr(obj, "__doc__", None)
+            path = getattr(mod, "__file__", None)
+            if path and path.endswith(".py"):
+                found: Iterable[str | None] = _source_docstrings(path)
+            else:  # a C module (math, itertools): its objects, nothing patches them
+                found = (getattr(obj, "__doc__", None) for obj in _iter_doc_objects(mod))
+            for doc in found:
                 if not isinstance(doc, str):
                     continue
                 doc = inspect.cleandoc(doc)
@@ -189,6 +211,13 @@ def prose_prompt(corpus: Corpus, rng: random.Random, min_len: int, max_len: int)
     return corpus.sample_prompt(rng, min_len, max_len)
 
 
+def hex_prompt(corpus: Corpus, rng: random.Random, min_len: int, max_len: int) -> list[int]:
+    """Hexadecimal digests and ids, as in logs: a model trained on prose predicts them
+    poorly, so drafts of their continuation are accepted far less often."""
+    length = rng.randint(min_len, max_len)
+    return corpus.tokenizer.encode("".join(rng.choice("0123456789abcdef") for _ in range(length)))
+
+
 # Workload classes of the demo's requests, by name: prompt generators with visibly different
-# acceptance (greedy, default drafter: ~0.85 on prose, ~0.55 on base64).
-WORKLOADS = {"prose": prose_prompt, "base64": base64_prompt}
+# acceptance (greedy, default drafter; see demo/run.py for measured values).
+WORKLOADS = {"prose": prose_prompt, "base64": base64_prompt, "hex": hex_prompt}

@@ -38,7 +38,8 @@ def _corpus_windows(n: int, length: int, seed: int, device: torch.device) -> tor
 
 
 # Memo per target module (weights are treated as frozen once trained).
-_CALIBRATED: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
+_CALIBRATED: "weakref.WeakKeyDictionary[GPT, weakref.WeakKeyDictionary[GPT, dict]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def calibrate_sigma(target: GPT, acceptance: float = DEFAULT_CALIBRATION, k: int = 4,
@@ -60,8 +61,9 @@ def calibrate_sigma(target: GPT, acceptance: float = DEFAULT_CALIBRATION, k: int
     noise gets sigma ~0.
     """
     base = target if base is None else base
-    key = (id(base), acceptance, k, seed, iters)
-    memo = _CALIBRATED.setdefault(target, {})
+    key = (acceptance, k, seed, iters)
+    # Per target, per base object (weakly: an id() could be reused by the next base).
+    memo = _CALIBRATED.setdefault(target, weakref.WeakKeyDictionary()).setdefault(base, {})
     if key not in memo:
         memo[key] = _bisect_sigma(target, base, acceptance, k, seed, iters)
     return memo[key]
@@ -130,6 +132,7 @@ class ModelDrafter:
             sigma = calibrate_sigma(target, calibrate_to, k=k, seed=seed, base=self.base)
         self.sigma = sigma
         self.model = make_draft_model(self.base, sigma, seed)
+        self.weakness = 0.0  # share of draft tokens replaced at random (weaken())
         self.cache: Optional[KVCache] = None
 
     def allocate(self, rows: int, seq_cap: int) -> None:
@@ -158,8 +161,16 @@ class ModelDrafter:
                                 view.kv_bound + i + 1)[:, 0]
             if greedy:
                 tok = logits.argmax(dim=-1)
+                if self.weakness > 0:  # a weaker drafter: some tokens replaced at random
+                    shape, gen = tok.shape, view.generator
+                    random = torch.randint(0, logits.shape[-1], shape, device=tok.device,
+                                           generator=gen)
+                    swap = torch.rand(shape, device=tok.device, generator=gen) < self.weakness
+                    tok = torch.where(swap, random, tok)
             else:
                 q = probs(logits, view.temperature)
+                if self.weakness > 0:  # the same, as a distribution: rejection sampling
+                    q = (1 - self.weakness) * q + self.weakness / q.shape[-1]  # stays exact
                 tok = torch.multinomial(q, 1, generator=view.generator).squeeze(1)
                 qs.append(q)
             out.append(tok)
@@ -186,8 +197,17 @@ class ModelDrafter:
         renoise_(self.model, self.base, self.collapse_sigma if sigma is None else sigma,
                  self.seed + 1)
 
+    def weaken(self, share: float) -> None:
+        """A weaker drafter: from now on each draft token is replaced by a random one with
+        probability ``share`` (greedy), or drawn from that mixture (sampling; rejection
+        sampling stays exact). Acceptance falls by a similar factor for every workload."""
+        if not 0 <= share < 1:
+            raise ValueError(f"weaken share must be in [0, 1), got {share}")
+        self.weakness = float(share)
+
     def restore(self) -> None:
         renoise_(self.model, self.base, self.sigma, self.seed)
+        self.weakness = 0.0
 
 
 def ngram_lookup(context: list[int], k: int, max_n: int, min_n: int) -> list[int]:
@@ -227,7 +247,7 @@ class NgramDrafter:
         self.max_n, self.min_n = max_n, min_n
         self.vocab_size = vocab_size
         self.collapsed = False
-        self.noise: Optional[float] = None
+        self.weakness = 0.0
         self._rng = random.Random(seed)
 
     def allocate(self, rows: int, seq_cap: int) -> None:
@@ -240,14 +260,14 @@ class NgramDrafter:
         pass
 
     def propose(self, view: BatchView, k: int) -> Proposal:
-        if self.collapsed and self.noise is None:
+        if self.collapsed:
             drafts = [[self._rng.randrange(self.vocab_size) for _ in range(k)]
                       for _ in view.contexts]
         else:
             drafts = [ngram_lookup(c, k, self.max_n, self.min_n) for c in view.contexts]
-            if self.collapsed:  # a weaker drafter: some proposals replaced at random
-                rng, noise, vocab = self._rng, self.noise, self.vocab_size
-                drafts = [[rng.randrange(vocab) if rng.random() < noise else t for t in d]
+            if self.weakness > 0:  # a weaker drafter: some proposals replaced at random
+                rng, share, vocab = self._rng, self.weakness, self.vocab_size
+                drafts = [[rng.randrange(vocab) if rng.random() < share else t for t in d]
                           for d in drafts]
         lengths = [len(d) for d in drafts]
         host = torch.tensor([[len(d)] + d + [0] * (k - len(d)) for d in drafts], dtype=torch.long)
@@ -258,12 +278,17 @@ class NgramDrafter:
         pass  # the lookup reads the host context, which the engine updates
 
     def collapse(self, sigma: Optional[float] = None) -> None:
-        """None: propose random tokens only; a fraction in (0, 1): replace that share of
-        the looked-up tokens with random ones (a weaker drafter)."""
-        self.collapsed, self.noise = True, sigma
+        self.collapsed = True
+
+    def weaken(self, share: float) -> None:
+        """From now on replace each looked-up token by a random one with probability
+        ``share`` (a weaker drafter)."""
+        if not 0 <= share < 1:
+            raise ValueError(f"weaken share must be in [0, 1), got {share}")
+        self.weakness = float(share)
 
     def restore(self) -> None:
-        self.collapsed, self.noise = False, None
+        self.collapsed, self.weakness = False, 0.0
 
 
 class NoDrafter:
@@ -289,6 +314,9 @@ class NoDrafter:
         pass
 
     def collapse(self, sigma: Optional[float] = None) -> None:
+        pass
+
+    def weaken(self, share: float) -> None:
         pass
 
     def restore(self) -> None:

@@ -71,6 +71,7 @@ class Engine:
             self.graphs = GraphedStages(target, drafter, self.tcache, config.batch_size, k)
         self.counters = SpecCounters(k=k)
         self.rows: list[Request] = []
+        self.row_groups: list[str] = []  # rows' workload classes, for verify_end(groups=)
         self.waiting: Deque[Request] = collections.deque()
         self.finished: Deque[Request] = collections.deque(maxlen=config.keep_finished)
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -94,6 +95,11 @@ class Engine:
     def collapse(self, sigma: Optional[float] = None) -> None:
         """Degrade the drafter now (re-noise with a big sigma / random n-grams)."""
         self.drafter.collapse(sigma)
+
+    def weaken_drafter(self, share: float) -> None:
+        """Swap in a weaker drafter: each draft token replaced at random with probability
+        ``share`` (eager stages; captured CUDA graphs keep the drafter they captured)."""
+        self.drafter.weaken(share)
 
     def restore(self) -> None:
         self.drafter.restore()
@@ -213,6 +219,7 @@ class Engine:
                 self.target(toks, self.tcache, zeros, row0, n_ctx)
         self.drafter.prefill(row0, toks, n_ctx)
         self.rows += new
+        self.row_groups += [r.workload for r in new]
         self.lens = torch.cat([self.lens, dev[:, 0]])
         self.pending = torch.cat([self.pending, dev[:, 1]])
         self.counters.requests_started += len(new)
@@ -227,6 +234,7 @@ class Engine:
         for i in done:
             self.finished.append(self.rows[i])
         self.rows = [self.rows[i] for i in keep]
+        self.row_groups = [self.row_groups[i] for i in keep]
         self.counters.requests_finished += len(done)
 
     # ---------------------------------------------------------------- step
@@ -253,7 +261,9 @@ class Engine:
         if h is not None:
             h.draft_end()
             h.verify_start()
-        if self._spike_ms > 0:
+        # Spikes wait for a step with drafts: a 300 ms plain step would dominate the few
+        # plain steps the payoff estimate's measured baseline rests on (see the runbook).
+        if self._spike_ms > 0 and k > 0:
             # Host sleep inside the stage: on CUDA the GPU idles for the same
             # time, which event-based timing also sees.
             time.sleep(self._spike_ms / 1000.0)
@@ -263,7 +273,11 @@ class Engine:
                     self.clear_spike()
         verified = stages.verify(view, prop, k)
         if h is not None:
-            h.verify_end(verified.accepted, k if prop.lengths is None else prop.lengths)
+            drafted = k if prop.lengths is None else prop.lengths
+            if cfg.report_groups:  # each request's workload class, kept in row order
+                h.verify_end(verified.accepted, drafted, groups=self.row_groups)
+            else:
+                h.verify_end(verified.accepted, drafted)
             h.draft_extend_start()
         stages.extend(view, prop, verified)
         if h is not None:

@@ -32,9 +32,11 @@ class EngineConfig:
     # of the speculation's gain.
     plain_every: int = 0
     # Workload classes of generated requests and their shares (corpus.WORKLOADS): e.g.
-    # (("prose", 0.75), ("base64", 0.25)). Requests carry the class; the engine passes it to
-    # the hooks as the request group.
+    # (("prose", 0.75), ("hex", 0.25)). Requests carry the class.
     workloads: tuple[tuple[str, float], ...] = (("prose", 1.0),)
+    # Pass each request's workload class to the hooks as its group
+    # (verify_end(groups=...); the hooks need a group_label).
+    report_groups: bool = False
 
 
 @dataclass

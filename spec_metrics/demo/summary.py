@@ -29,7 +29,6 @@ class DemoSummary:
         self._window = [0, 0]  # accepted, drafted since the last status line
         # Payoff totals per phase of the run: from the start, then one per scheduled event.
         self.phases: list[tuple[str, PayoffTotals]] = [("from the start", PayoffTotals())]
-        self.phase_starts: list[int] = [0]  # engine.step_log index where each phase starts
 
     def start_phase(self, name: str) -> None:
         """Steps from now on count towards a new phase (e.g. after a draft slowdown)."""

@@ -26,7 +26,7 @@ def _dashboards(args: argparse.Namespace) -> int:
     from spec_metrics.ops.dashboards import DEFAULT_CONST_LABELS, write_dashboards
 
     labels = tuple(args.const_label) if args.const_label else DEFAULT_CONST_LABELS
-    for path in write_dashboards(args.out, const_labels=labels):
+    for path in write_dashboards(args.out, const_labels=labels, group_label=args.group_label):
         print(path)
     if args.docs:
         from pathlib import Path
@@ -34,8 +34,8 @@ def _dashboards(args: argparse.Namespace) -> int:
         from spec_metrics.ops.dashboard_docs import render_dashboard_docs
         from spec_metrics.ops.dashboards import build_dashboard
 
-        Path(args.docs).write_text(render_dashboard_docs(build_dashboard(labels)),
-                                   encoding="utf-8")
+        Path(args.docs).write_text(
+            render_dashboard_docs(build_dashboard(labels, args.group_label)), encoding="utf-8")
         print(args.docs)
     return 0
 
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     dashboards.add_argument("--out", default="dashboards", help="directory (default: dashboards)")
     dashboards.add_argument("--const-label", action="append", default=None, metavar="NAME",
                             help="a constant label to filter by (repeat; default: model, engine)")
+    dashboards.add_argument("--group-label", default="group", metavar="NAME",
+                            help="the hooks' group_label, for the request-group variable and "
+                            "panels (default: group)")
     dashboards.add_argument("--docs", metavar="PATH",
                             help="also write the panel reference page (docs/dashboards.md)")
     dashboards.set_defaults(run=_dashboards)

@@ -31,6 +31,7 @@ DASHBOARD_UID = "spec-metrics-decode"
 DASHBOARD_TITLE = "Speculative decoding (spec_metrics)"
 DASHBOARD_FILE = "spec_metrics.json"
 DEFAULT_CONST_LABELS: tuple[str, ...] = ("model", "engine")
+DEFAULT_GROUP_LABEL = "group"
 DS_VAR = "datasource"
 DS_UID = "${" + DS_VAR + "}"
 RATE = "$__rate_interval"
@@ -53,6 +54,9 @@ DROPPED = catalog.DROPPED
 FOLDED = catalog.LABEL_VALUES_FOLDED
 SKIPPED = catalog.TRACED_STEPS_SKIPPED
 WITHHELD = catalog.EXEMPLARS_WITHHELD
+PLAIN_SECONDS = catalog.PLAIN_STEP_DURATION
+PLAIN_TOKENS = catalog.PLAIN_STEP_TOKENS
+DRAFTER_STAGES = "|".join(s for s in STAGES if s != "verify")
 
 
 @functools.cache
@@ -81,17 +85,22 @@ def _ds() -> Any:
 class _Queries:
     """PromQL builders bound to the dashboard's variables."""
 
-    def __init__(self, const_labels: Sequence[str]) -> None:
+    def __init__(self, const_labels: Sequence[str], group_label: str) -> None:
         self.const_labels = tuple(const_labels)
+        self.group_label = group_label
 
     def sel(self, name: str, suffix: str = "", **fixed: str) -> str:
         """`name+suffix{...}` filtered by every variable that applies to the metric."""
         spec = catalog.by_name(name)
         labels = [lb for lb in ("method",) if lb in spec.labels]
+        if spec.grouped:
+            labels.append(self.group_label)
         if spec.const_labels:
             labels += list(self.const_labels)
         matchers = [f'{lb}=~"${lb}"' for lb in labels]
-        matchers += [f'{k}="{v}"' for k, v in sorted(fixed.items())]
+        # A value with "|" is a set of alternatives: a regex matcher.
+        matchers += [f'{k}=~"{v}"' if "|" in v else f'{k}="{v}"'
+                     for k, v in sorted(fixed.items())]
         return f"{name}{suffix}{{{', '.join(matchers)}}}"
 
     def rate(self, name: str, by: str, suffix: str = "", fn: str = "rate",
@@ -160,12 +169,13 @@ def _stat(title: str, unit: str, target: Any, decimals: int) -> Any:
             .reduce_options(g.cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
 
 
-def _variables(const_labels: Sequence[str]) -> list[Any]:
+def _variables(const_labels: Sequence[str], group_label: str) -> list[Any]:
     g = _sdk()
     out: list[Any] = [g.db.DatasourceVariable(DS_VAR).label("Data source").type("prometheus")]
-    source = STEP_HIST.name + "_count"
     previous: list[str] = []
-    for name in (*const_labels, "method"):
+    for name in (*const_labels, "method", group_label):
+        # Request groups live on the acceptance series only.
+        source = DRAFTS.name if name == group_label else STEP_HIST.name + "_count"
         filt = ", ".join(f'{p}=~"${p}"' for p in previous)
         query = f"label_values({source}{{{filt}}}, {name})" if filt else \
             f"label_values({source}, {name})"
@@ -182,18 +192,22 @@ def _variables(const_labels: Sequence[str]) -> list[Any]:
     return out
 
 
-def build_dashboard(const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> dict[str, Any]:
-    """The dashboard as Grafana JSON (a dict), for the given constant label names."""
-    for label in const_labels:
+def build_dashboard(const_labels: Sequence[str] = DEFAULT_CONST_LABELS,
+                    group_label: str = DEFAULT_GROUP_LABEL) -> dict[str, Any]:
+    """The dashboard as Grafana JSON (a dict), for the given constant label names and the
+    hooks' request-group label name (`group_label`)."""
+    for label in (*const_labels, group_label):
         if not re.fullmatch(r"[a-zA-Z_]\w*", label) or label in RESERVED_LABELS \
                 or label == DS_VAR or label.startswith("__"):
             raise ValueError(f"{label!r} cannot be a constant label / dashboard variable")
-    return _build(tuple(const_labels))
+    if group_label in const_labels:
+        raise ValueError(f"group_label {group_label!r} is also a constant label")
+    return _build(tuple(const_labels), group_label)
 
 
-def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
+def _build(const_labels: tuple[str, ...], group_label: str) -> dict[str, Any]:
     g = _sdk()
-    q = _Queries(const_labels)
+    q = _Queries(const_labels, group_label)
     st, step = STAGE_HIST.name, STEP_HIST.name
     rows: list[tuple[str, list[Any]]] = []
 
@@ -211,6 +225,8 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
         _stat("Current emitted tokens/s", "tokens/s", now(emitted), 0),
         _stat("Current step p99", "s", now(step_p99), 4),
     ]))
+    rows.append(("Is speculation paying off?", _payoff_panels(q)))
+    rows.append(("Acceptance by request group", _group_panels(q)))
 
     def quantiles(name: str, **fixed: str) -> list[Any]:
         return [_target(q.quantile(x, name, "method", **fixed), chr(ord("A") + i),
@@ -333,7 +349,7 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
             .tags(["spec_metrics", "speculative-decoding", "llm-inference"])
             .refresh("30s").time("now-30m", "now").timezone("browser")
             .tooltip(g.dm.DashboardCursorSync.CROSSHAIR).editable()
-            .variables(_variables(const_labels))
+            .variables(_variables(const_labels, group_label))
             .annotation(_drafter_change_annotation(q)))
     panel_id = 0
     for title, panels in rows:
@@ -343,6 +359,77 @@ def _build(const_labels: tuple[str, ...]) -> dict[str, Any]:
             panel_id += 1
             dash = dash.with_panel(panel.id(panel_id))
     return json.loads(json.dumps(dash.build(), cls=g.JSONEncoder))
+
+
+def _payoff_panels(q: _Queries) -> list[Any]:
+    """The speedup over plain decoding, as spec_metrics.payoff and the recording rules
+    compute it: measured against plain steps where the engine ran some, else the upper
+    bound from the step's draft share."""
+    step_s = q.rate(STEP_HIST.name, "method", "_sum")
+    drafter_s = q.rate(STAGE_HIST.name, "method", "_sum", stage=DRAFTER_STAGES)
+    emitted = q.rate(EMITTED_TOKENS.name, "method")
+    accepted = q.rate(ACCEPTED_TOKENS.name, "method")
+    spec_cost = f"({step_s} / ({emitted} > 0))"
+    plain_cost = (f"({q.rate(PLAIN_SECONDS.name, 'method')} / "
+                  f"({q.rate(PLAIN_TOKENS.name, 'method')} > 0))")
+    measured = f"{plain_cost} / ({spec_cost} > 0)"
+    bound = f"{emitted} / ({emitted} - {accepted} > 0) * ({step_s} - {drafter_s}) / ({step_s} > 0)"
+    speedup = f"({measured}) or ({bound})"
+    stat = _stat("Current speedup over plain decoding", "x", _target(speedup, "A", "{{method}}",
+                                                            instant=True), 2)
+    return [
+        stat.span(6).thresholds(_one_threshold()),
+        _timeseries("Speedup over plain decoding",
+                    "Tokens per second with speculation over tokens per second plain decoding "
+                    "would give, per method (below 1: speculation costs more than it saves). "
+                    "measured: against the engine's own plain decode steps (K = 0, e.g. "
+                    f"dynamic speculation), `{PLAIN_SECONDS.name}` per "
+                    f"`{PLAIN_TOKENS.name}` over step time per emitted token. upper bound: no "
+                    "plain steps; emitted tokens per request-step x (step - draft - "
+                    "draft_extend) / step, which never shows a loss where speculation wins. "
+                    "See docs/runbook.md#specdecodenotpayingoff.", "x",
+                    [_target(measured, "A", "{{method}} measured"),
+                     _target(bound, "B", "{{method}} upper bound")], w=10),
+        _timeseries("Cost per token: speculative vs plain",
+                    "Step time per emitted token, and plain steps' time (draft stages excluded) "
+                    "per token they emitted.", "s",
+                    [_target(spec_cost, "A", "{{method}} speculative"),
+                     _target(plain_cost, "B", "{{method}} plain")], w=8),
+    ]
+
+
+def _group_panels(q: _Queries) -> list[Any]:
+    """Acceptance per request group (the hooks' group_label), and against its own baseline:
+    the signal SpecDecodeAcceptanceDropped alerts on. A shift in workload mix moves the
+    server-wide rate; it leaves each group's own rate alone."""
+    by = f"method, {q.group_label}"
+    acc = q.ratio(ACCEPTED_TOKENS.name, DRAFT_TOKENS.name, by)
+    before = (f"sum by ({by}) (rate({q.sel(ACCEPTED_TOKENS.name)}[1h] offset {RATE})) / "
+              f"(sum by ({by}) (rate({q.sel(DRAFT_TOKENS.name)}[1h] offset {RATE})) > 0)")
+    legend = f"{{{{method}}}} {{{{{q.group_label}}}}}"
+    return [
+        _timeseries("Acceptance rate by group",
+                    f"Accepted / proposed draft tokens per `{q.group_label}` (adapter, tenant, "
+                    "workload class: whatever the engine passes to verify_end(groups=...); "
+                    "values beyond max_groups are folded into \"other\").", "percentunit",
+                    [_target(acc, "A", legend)], w=8, max_val=1),
+        _timeseries("Acceptance vs the group's own last hour",
+                    "Acceptance now over the same group's acceptance in the hour before. "
+                    "SpecDecodeAcceptanceDropped fires below its ratio (0.7 by default): a "
+                    "drafter or target change, not a workload shift.", "percentunit",
+                    [_target(f"({acc}) / (({before}) > 0)", "A", legend)], w=8),
+        _timeseries("Draft traffic by group", "Drafts verified per second, per group.",
+                    "short", [_target(q.rate(DRAFTS.name, by), "A", legend)], w=8,
+                    stack=True),
+    ]
+
+
+def _one_threshold() -> Any:
+    """Red below 1 (speculation loses), green from 1."""
+    g = _sdk()
+    return (g.db.ThresholdsConfig().mode(g.dm.ThresholdsMode.ABSOLUTE)
+            .steps([g.dm.Threshold(value=None, color="red"),
+                    g.dm.Threshold(value=1.0, color="green")]))
 
 
 def _drafter_change_annotation(q: _Queries) -> Any:
@@ -369,18 +456,21 @@ def _distribution_panel(title: str, description: str, target: Any) -> Any:
             .reduce_options(g.cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
 
 
-def render_dashboard_json(const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> str:
+def render_dashboard_json(const_labels: Sequence[str] = DEFAULT_CONST_LABELS,
+                          group_label: str = DEFAULT_GROUP_LABEL) -> str:
     """Deterministic JSON text of the dashboard (sorted keys, trailing newline)."""
-    return json.dumps(build_dashboard(const_labels), indent=2, sort_keys=True) + "\n"
+    return json.dumps(build_dashboard(const_labels, group_label), indent=2,
+                      sort_keys=True) + "\n"
 
 
 def write_dashboards(out_dir: str | Path,
-                     const_labels: Sequence[str] = DEFAULT_CONST_LABELS) -> list[Path]:
+                     const_labels: Sequence[str] = DEFAULT_CONST_LABELS,
+                     group_label: str = DEFAULT_GROUP_LABEL) -> list[Path]:
     """Write the dashboard JSON into out_dir; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / DASHBOARD_FILE
-    path.write_text(render_dashboard_json(const_labels), encoding="utf-8")
+    path.write_text(render_dashboard_json(const_labels, group_label), encoding="utf-8")
     return [path]
 
 

@@ -33,6 +33,8 @@ ALERTS = (
     "SpecDecodeVerifyLatencyHigh",
     "SpecDecodeDraftOverheadHigh",
     "SpecDecodeMetricsAbsent",
+    "SpecDecodeAcceptanceDropped",
+    "SpecDecodeNotPayingOff",
 )
 
 _DRAFTS = catalog.DRAFTS.name
@@ -42,6 +44,9 @@ _POS_DRAFT = catalog.DRAFT_TOKENS_PER_POSITION.name
 _POS_ACCEPTED = catalog.ACCEPTED_TOKENS_PER_POSITION.name
 _STAGE = catalog.STAGE_DURATION.name
 _STEP = catalog.STEP_DURATION.name
+_EMITTED = catalog.EMITTED_TOKENS.name
+_PLAIN_SECONDS = catalog.PLAIN_STEP_DURATION.name
+_PLAIN_TOKENS = catalog.PLAIN_STEP_TOKENS.name
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -77,6 +82,16 @@ class RuleParams:
     verify_for: str = "10m"
     overhead_for: str = "15m"
     absent_for: str = "10m"
+    # SpecDecodeAcceptanceDropped: acceptance of a request group over rate_window below
+    # drop_ratio_max x its own acceptance over drop_baseline_window just before (guards: the
+    # traffic guard on both windows, per group).
+    group_label: str = "group"  # the hooks' group_label; series without it form one group
+    drop_ratio_max: float = 0.7
+    drop_baseline_window: str = "1h"
+    drop_for: str = "10m"
+    # SpecDecodeNotPayingOff: the speedup estimate over plain decoding below this.
+    speedup_min: float = 1.0
+    payoff_for: str = "15m"
     severity: str = "warning"
     runbook_url: str = "docs/runbook.md"  # base URL; the alert name, lowercased, is the anchor
     extra_labels: dict[str, str] = field(default_factory=dict)  # added to every alert
@@ -87,7 +102,8 @@ class RuleParams:
                 f"rate_window {self.rate_window} is shorter than 4 x scrape_interval "
                 f"{self.scrape_interval}: rate() would often see fewer than two samples")
         for name in ("acceptance_for", "mean_length_for", "decay_for", "verify_for",
-                     "overhead_for", "absent_for", "absent_lookback"):
+                     "overhead_for", "absent_for", "absent_lookback", "drop_baseline_window",
+                     "drop_for", "payoff_for"):
             _seconds(getattr(self, name))
         if self.evaluation_interval is not None:
             _seconds(self.evaluation_interval)
@@ -95,7 +111,16 @@ class RuleParams:
             raise ValueError("const_labels must be distinct and must not include 'method'")
         if self.max_draft_tokens < 2:
             raise ValueError("max_draft_tokens must be at least 2 for the decay rule")
-        for name in ("acceptance_rate_min", "decay_ratio_min", "draft_overhead_max"):
+        if _seconds(self.drop_baseline_window) < _seconds(self.rate_window):
+            raise ValueError(f"drop_baseline_window {self.drop_baseline_window} must be at "
+                             f"least rate_window {self.rate_window}")
+        if self.group_label in ("method", *self.const_labels):
+            raise ValueError(f"group_label {self.group_label!r} must differ from 'method' "
+                             "and the const_labels")
+        if self.speedup_min <= 0:
+            raise ValueError("speedup_min must be > 0")
+        for name in ("acceptance_rate_min", "decay_ratio_min", "draft_overhead_max",
+                     "drop_ratio_max"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
         if not all(0 < q < 1 for q in self.quantiles) or 0.99 not in self.quantiles:
@@ -124,6 +149,17 @@ class _Names:
             f"{level}_position:spec_decode_position_conditional_acceptance:ratio_rate{w}")
         self.quantile = f"{level}_stage:{_STAGE}:histogram_quantile_rate{w}"
         self.overhead = f"{level}:spec_decode_draft_overhead:ratio_rate{w}"
+        self.speedup_measured = f"{level}:spec_decode_speedup_measured:ratio_rate{w}"
+        self.speedup_bound = f"{level}:spec_decode_speedup_upper_bound:ratio_rate{w}"
+        self.speedup = f"{level}:spec_decode_speedup:ratio_rate{w}"
+        self.group_labels = ("method", p.group_label, *p.const_labels)
+        self.by_group = ", ".join(self.group_labels)
+        group_level = "_".join(self.group_labels)
+        b = p.drop_baseline_window
+        self.group_drafts = f"{group_level}:spec_decode_drafts:rate{w}"
+        self.group_acceptance = f"{group_level}:spec_decode_acceptance:ratio_rate{w}"
+        self.baseline_drafts = f"{group_level}:spec_decode_drafts:rate{b}_offset{w}"
+        self.baseline_acceptance = f"{group_level}:spec_decode_acceptance:ratio_rate{b}_offset{w}"
 
 
 def _shift(series: str, positions: int) -> str:
@@ -169,7 +205,44 @@ def _recording_rules(p: RuleParams, n: _Names) -> list[dict[str, Any]]:
         "record": n.overhead,
         "expr": f"{draft_seconds}\n/\n({rate(_STEP + '_sum')} > 0)",
     })
+    rules += _payoff_rules(p, n, rate, draft_seconds) + _group_rules(p, n)
     return rules
+
+
+def _payoff_rules(p: RuleParams, n: _Names, rate: Any, draft_seconds: str) -> list[dict]:
+    """The speedup over plain decoding (spec_metrics.payoff says why these formulas)."""
+    step_seconds, emitted = rate(_STEP + "_sum"), rate(_EMITTED)
+    cost_per_token = f"(\n{step_seconds}\n/\n({emitted} > 0)\n)"
+    plain_cost = f"(\n{rate(_PLAIN_SECONDS)}\n/\n({rate(_PLAIN_TOKENS)} > 0)\n)"
+    requests = f"({emitted}\n-\n{rate(_ACCEPTED)}\n> 0)"
+    return [
+        # Measured: plain steps' cost per token over all steps' cost per token.
+        {"record": n.speedup_measured,
+         "expr": f"{plain_cost}\n/\n({cost_per_token} > 0)"},
+        # Upper bound: emitted per request-step x (step - draft stages) / step.
+        {"record": n.speedup_bound,
+         "expr": f"{emitted}\n/\n{requests}\n*\n"
+                 f"({step_seconds}\n-\n{draft_seconds})\n/\n({step_seconds} > 0)"},
+        {"record": n.speedup, "expr": f"{n.speedup_measured}\nor\n{n.speedup_bound}"},
+    ]
+
+
+def _group_rules(p: RuleParams, n: _Names) -> list[dict]:
+    """Acceptance per request group now, and over the baseline window just before."""
+    w, b, by = p.rate_window, p.drop_baseline_window, n.by_group
+
+    def rate(metric: str, window: str, offset: str = "") -> str:
+        return f"sum by ({by}) (rate({metric}[{window}]{offset}))"
+
+    before = f" offset {w}"
+    return [
+        {"record": n.group_drafts, "expr": rate(_DRAFTS, w)},
+        {"record": n.group_acceptance,
+         "expr": f"{rate(_ACCEPTED, w)}\n/\n({rate(_DRAFT_TOKENS, w)} > 0)"},
+        {"record": n.baseline_drafts, "expr": rate(_DRAFTS, b, before)},
+        {"record": n.baseline_acceptance,
+         "expr": f"{rate(_ACCEPTED, b, before)}\n/\n({rate(_DRAFT_TOKENS, b, before)} > 0)"},
+    ]
 
 
 def _who(p: RuleParams) -> str:
@@ -236,6 +309,21 @@ def _alerting_rules(p: RuleParams, n: _Names) -> list[dict[str, Any]]:
                p.absent_for, "Speculative decoding metrics disappeared from a live target",
                f"{{{{ $labels.job }}}}/{{{{ $labels.instance }}}} is up but no longer exports "
                f"{_DRAFTS} for {who}, which it did within the last {p.absent_lookback}."),
+        _alert(p, ALERTS[6],
+               f"{n.group_acceptance}\n/ on ({n.by_group})\n{n.baseline_acceptance}\n"
+               f"< {_num(p.drop_ratio_max)}"
+               f"\nand on ({n.by_group})\n{n.group_drafts} > {_num(p.min_drafts_per_second)}"
+               f"\nand on ({n.by_group})\n{n.baseline_drafts} > "
+               f"{_num(p.min_drafts_per_second)}",
+               p.drop_for, "Speculative decoding acceptance dropped against its own baseline",
+               f"Acceptance of {who}, {p.group_label} {{{{ $labels.{p.group_label} }}}}, over "
+               f"{w} is {pct} of its acceptance over the {p.drop_baseline_window} before, "
+               f"below {_num(p.drop_ratio_max * 100)}%: a drafter or target change?"),
+        _alert(p, ALERTS[7], f"{n.speedup} < {_num(p.speedup_min)}{guard}",
+               p.payoff_for, "Speculative decoding is slower than plain decoding would be",
+               f"The speedup estimate of {who} over plain decoding is "
+               f"{{{{ $value | printf \"%.2f\" }}}}x over {w}, below "
+               f"{_num(p.speedup_min)}x: speculation costs more than it saves."),
     ]
 
 

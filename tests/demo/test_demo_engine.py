@@ -192,6 +192,22 @@ def test_spike_delays_verify_stage_only_while_active(target: GPT,
     assert draft == extend == [0.0] * 5  # the spike is in the verify stage only
 
 
+def test_spike_waits_for_a_step_with_drafts(target: GPT,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Plain steps (K = 0) are the payoff estimate's baseline: a spike skips them.
+    fake = FakeTime()
+    monkeypatch.setattr(engine_module, "time", fake)
+    hooks = RecordingHooks(clock=fake.monotonic)
+    eng = Engine(target, ModelDrafter(target), EngineConfig(arrival_rate=None, plain_every=2),
+                 hooks=hooks)
+    eng.run(steps=1)
+    eng.set_spike(60, steps=1)
+    eng.run(steps=2)  # step 1 is plain, step 2 speculative
+    assert eng.counters.steps_without_drafts == 1 and fake.slept == [0.06]
+    verify = [e - s for s, e in zip(hooks.t["verify_start"], hooks.t["verify_end"])]
+    assert verify == [0.0, 0.0, pytest.approx(0.06, abs=1e-9)]
+
+
 def test_wall_clock_run_for_seconds(target: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
     # The wall clock is the fake's: each step costs exactly step_s on it, idle waits for the
     # next Poisson arrival are fake sleeps; run(seconds=) must stop at the first step

@@ -56,7 +56,7 @@ def test_distilled_drafter_is_small_and_agrees(target) -> None:
                                                        num_requests=40, seed=1))
     assert engine.drafter.base.cfg == DRAFT_CONFIG
     counters = engine.run()
-    assert counters.acceptance_rate > 0.7, counters  # ~0.85 measured
+    assert counters.acceptance_rate > 0.6, counters  # ~0.74 measured
     engine.collapse()  # --collapse-at keeps working with the small drafter
     engine.counters = type(counters)(k=counters.k)
     engine.cfg.num_requests = None
@@ -84,28 +84,28 @@ def test_plain_every_runs_exactly_every_nth_step(target) -> None:
 
 def test_workload_classes_have_visibly_different_acceptance(target) -> None:
     rates = {}
-    for name in ("prose", "base64"):
+    for name in ("prose", "hex"):
         engine = build_engine("model", config=EngineConfig(
             clock="virtual", arrival_rate=None, num_requests=40, seed=4,
             workloads=((name, 1.0),)))
         rates[name] = engine.run().acceptance_rate
         assert {r.workload for r in engine.finished} == {name}
-    assert rates["base64"] < rates["prose"] - 0.15, rates
-    assert rates["base64"] > 0.35, rates  # still above SpecDecodeAcceptanceRateLow's 25 %
+    assert rates["hex"] < rates["prose"] - 0.12, rates  # measured: 0.49 against 0.74
+    assert rates["hex"] > 0.35, rates  # still above SpecDecodeAcceptanceRateLow's 25 %
 
 
 def test_workload_mix_is_drawn_by_share(target) -> None:
     engine = build_engine("model", config=EngineConfig(
         clock="virtual", arrival_rate=None, num_requests=200, seed=5,
-        workloads=(("prose", 0.75), ("base64", 0.25))))
+        workloads=(("prose", 0.75), ("hex", 0.25))))
     engine.run()
-    share = sum(r.workload == "base64" for r in engine.finished) / len(engine.finished)
+    share = sum(r.workload == "hex" for r in engine.finished) / len(engine.finished)
     assert 0.15 < share < 0.35
-    engine.set_workloads((("prose", 0.0), ("base64", 1.0)))
+    engine.set_workloads((("prose", 0.0), ("hex", 1.0)))
     engine.cfg.num_requests = None
     before = len(engine.finished)
     engine.run(steps=200)
-    assert {r.workload for r in list(engine.finished)[before:]} == {"base64"}
+    assert {r.workload for r in list(engine.finished)[before:]} == {"hex"}
     with pytest.raises(ValueError, match="workloads must be"):
         engine.set_workloads((("poetry", 1.0),))
 
