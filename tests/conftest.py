@@ -3,6 +3,7 @@ and a settable clock for tests that need exact durations."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import pytest
@@ -33,6 +34,22 @@ def pytest_configure(config: pytest.Config) -> None:
     # Here, at the root, so `@pytest.mark.e2e` is known whichever test files are selected.
     config.addinivalue_line(
         "markers", "e2e: end to end against a real Prometheus and the demo (about a minute)")
+    config.addinivalue_line(
+        "markers", "worker: a unit test that runs with the default consumer, the worker thread")
+
+
+@pytest.fixture(autouse=True)
+def _inline_consumer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit tests in this directory consume finished steps inline, at end_step(), so
+    that they can check spans and counters right after a step. What is recorded does not
+    depend on the consumer: test_worker.py runs the same steps through the worker thread
+    and inline and requires equal metrics, spans and drops; tests marked `worker`, and the
+    demo, e2e and integration tests, run the default worker."""
+    if os.environ.get("SPEC_METRICS_TEST_CONSUMER") == "worker":
+        return  # all of them with the worker (the CUDA tests on a GPU machine, for one)
+    if request.node.path.parent.name == "tests" and request.node.get_closest_marker(
+            "worker") is None:
+        monkeypatch.setenv("SPEC_METRICS_CONSUMER", "inline")
 
 
 class Clock:

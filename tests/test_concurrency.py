@@ -158,13 +158,14 @@ def check_scrape(samples: dict, previous: dict | None, methods: set[str]) -> Non
             v[("spec_decode_accepted_tokens_total", None)] + drafts)
 
 
-def run_concurrently(methods: list[str], scrapers: int, scrapes_each: int) -> None:
+def run_concurrently(methods: list[str], scrapers: int, scrapes_each: int,
+                     **extra: Any) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     registry = CollectorRegistry()
     options: dict[str, Any] = dict(tracer_provider=provider, trace_ratio=0.02,
-                                   max_draft_tokens=K, labels={"engine": "test"})
+                                   max_draft_tokens=K, labels={"engine": "test"}, **extra)
     first = spec_metrics.SpecDecodeHooks(methods[0], registry=registry, **options)
     options.pop("labels")
     hooks = [first] + [spec_metrics.SpecDecodeHooks(m, collector=first.collector, **options)
@@ -267,3 +268,13 @@ def test_hook_threads_sharing_a_collector_while_scraped_1000_times():
 
 def test_several_methods_on_threads_while_scraped():
     run_concurrently(["eagle", "ngram", "draft_model"], scrapers=4, scrapes_each=30)
+
+
+@pytest.mark.worker
+def test_hook_threads_with_the_worker_consuming_while_scraped():
+    # The default consumer: the worker thread and the scrapes both consume the queues. Hook
+    # threads that never release the GIL outrun any consumer; the queue bound (backpressure
+    # and pending_overflow, tested in test_worker.py) is set out of reach here, so that every
+    # step must arrive exactly once and in order through the worker and the scrapes.
+    run_concurrently(["eagle", "eagle", "ngram"], scrapers=4, scrapes_each=60,
+                     max_queued_steps=10**7)

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import spec_metrics
+from spec_metrics._core import hooks as hooks_module
 from spec_metrics._tracing.sink import CLOCK_RECALIBRATE_S, TraceSink
 
 from .conftest import run_step, sample_value, scrape
@@ -103,6 +104,7 @@ class _Done:
 def test_an_error_while_ending_a_stage_never_escapes_the_hook(make_hooks, registry, clock):
     hooks = make_hooks()
     hooks._gpu = _FailingEvents()  # as with timer="cuda"
+    hooks.__class__ = hooks_module._CudaTimedHooks
     hooks.draft_start()
     hooks.draft_end()  # its event fails: counted, the stage forgotten, no exception
     assert hooks.collector.drops.counts["internal_error"] == 1

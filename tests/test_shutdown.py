@@ -19,6 +19,8 @@ from spec_metrics.ops.telemetry import BoundedShutdownTracerProvider
 
 from .otlp import OtlpReceiver
 
+pytestmark = pytest.mark.worker  # the children use the default consumer
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
 SPANS_PER_STEP = 4  # spec_decode.step + draft, verify, draft_extend
@@ -26,7 +28,7 @@ SPANS_PER_STEP = 4  # spec_decode.step + draft, verify, draft_extend
 # Run in a subprocess (cwd: the repository root). argv: endpoint, mode. Records STEPS traced
 # steps, prints their trace ids, then leaves by the end of the script (atexit runs).
 CHILD = """
-import json, sys
+import atexit, json, sys
 import spec_metrics
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -53,7 +55,11 @@ for _ in range(steps):
     hooks.end_step()
 if mode == "sdk-close":
     hooks.close()
-print(json.dumps(traced), flush=True)
+    print(json.dumps(traced), flush=True)
+else:
+    # The worker may not have consumed the last steps yet: they are consumed at exit,
+    # before the atexit handlers (this one, then the provider's shutdown).
+    atexit.register(lambda: print(json.dumps(traced), flush=True))
 """
 
 

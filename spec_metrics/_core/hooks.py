@@ -7,10 +7,12 @@
     hooks.draft_extend_start(); ...; hooks.draft_extend_end()
     hooks.end_step()
 
-Hooks only take a timestamp and store counts in the step's record. At `end_step()` the
-record goes to the sinks once: the trace sink (which decides whether the step is traced)
-and the metrics collector. Records holding CUDA tensors wait, without synchronizing, until
-their copies have landed, and are handed to the sinks at a later `end_step()` or `flush()`.
+On the engine thread the hooks only take a timestamp per call, copy the counts and, at
+`end_step()`, append the step to a queue. The rest (checking the counts, the trace sink's
+decision and spans, aggregation, exemplars) runs on spec_metrics' worker thread, or in a
+scrape, which first consumes what is queued so /metrics shows every step ended before it.
+Steps holding CUDA tensors wait, without synchronizing, until their copies have landed.
+`consumer="inline"` (and strict mode) consume at `end_step()` on the engine thread instead.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from spec_metrics._core.cuda_timing import CudaEventTimer
 from spec_metrics._core.groups import to_groups
 from spec_metrics._core.inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
-from spec_metrics._core.pending import PendingSteps
-from spec_metrics._core.record import StepRecord
+from spec_metrics._core.pending import PendingSteps, Raw
 from spec_metrics._core.scopes import StageScope, StepScope, VerifyScope
 from spec_metrics._core.sinks import StepResult, StepSinks
+from spec_metrics._core.worker import WAKE_AT, WORKER
 from spec_metrics._prometheus.collector import SpecDecodeCollector
 from spec_metrics._support.config import HooksConfig
 from spec_metrics._support.drops import DropCounter, InputRejected, StrictModeError
@@ -42,6 +44,8 @@ from spec_metrics.catalog import STAGES
 __all__ = ["SpecDecodeHooks"]
 
 _DRAFT, _VERIFY, _EXTEND = range(3)
+_NO_STEP = -2  # SpecDecodeHooks._last when no step is open (-1: open, no stage started yet)
+_NOT = object()  # a value the quick path of verify_end does not copy
 
 
 class SpecDecodeHooks:
@@ -70,7 +74,8 @@ class SpecDecodeHooks:
           collector: share another hooks object's collector instead of making one.
           tracer_provider: OpenTelemetry provider; default: the global one (never set here).
           on_step: called with a `StepResult` after each step reached the sinks (for logs,
-            summaries); it runs on the engine thread, so keep it cheap.
+            summaries); it runs where steps are consumed (the worker thread, a scrape,
+            or the engine thread with consumer="inline"), in order; keep it cheap.
           options: any field of `HooksConfig` (trace_ratio, strict, slow_step_seconds, ...).
         """
         config = HooksConfig.resolve(method=method, labels=labels, **options)
@@ -115,22 +120,47 @@ class SpecDecodeHooks:
         self._pinned = PinnedPool()
         self._sinks = StepSinks(collector if config.metrics else None, self._tracer, self._gpu,
                                 self._max_k, self._reject, on_step)
-        self._record: StepRecord | None = None
-        self._open = -1  # index of the stage started and not yet ended
         self._steps = 0
+        # Strict mode checks and aggregates at the hook, so that its errors are raised there.
+        self._inline = config.consumer == "inline" or config.strict
         self._pending = PendingSteps(self._sinks.consume, config.max_pending_steps,
-                                     self._reject, config.batch_steps)
-        # Batched: verify_end keeps a copy of the counts and the sinks reduce them in the
-        # batch; strict mode reduces at the hook so its errors name the call that caused them.
-        self._defer_summary = config.batch_steps > 1 and not config.strict
+                                     self._reject, config.batch_steps if self._inline else 1,
+                                     config.max_queued_steps, self._method,
+                                     self._internal_error)
+        if self._inline:
+            self._sinks.deferred_where = "reduced in a batch"
+        self._handed = self._pending.handed
+        self._queue_limit = config.max_queued_steps
+        self._wake_at = min(WAKE_AT, config.max_queued_steps)
+        # With the worker, verify_end copies host counts unchecked (the consumer checks
+        # them); inline, it checks them at the hook (and summarizes them, unless batched).
+        self._quick = not self._inline
+        self._defer_summary = not config.strict and (not self._inline or config.batch_steps > 1)
+        # The open step, as plain attributes the stage hooks write directly:
+        self._times = [0] * 6  # perf_counter_ns: start and end of each stage (STAGES order)
+        self._open = -1  # index of the stage started and not yet ended
+        self._last = _NO_STEP  # rank (in stage_order) of the stage started last
+        self._rd, self._rv, self._re = self._rank
+        self._counts: tuple | None = None  # see pending.Raw
+        self._begin: tuple | None = None  # (batch_size, request_ids, traceparents, sampled)
+        self._step_method: str | None = None
+        self._gpu_marks: list[Any] | None = None
+        self._release: list[DeviceArray] | None = None  # device copies the engine waits for
+        # end_step's common case applies: a worker consumes, and no device copy to release.
+        self._handoff = not self._inline
         self._scopes = (StageScope(self, _DRAFT), VerifyScope(self), StageScope(self, _EXTEND))
         self._step_scope = StepScope(self)
         reset_after_fork(self)
+        # Decided here, once, by the object's class: disabled hooks are methods that do
+        # nothing (as cheap as any method call), CUDA-timed ones record events.
         if not self._on:
-            # Disabled is decided here, once: each hook becomes a plain no-op function on the
-            # instance, cheaper to call than a method that checks a flag.
-            for name in _HOOK_NAMES:
-                setattr(self, name, _NOOPS[name])
+            self.__class__ = _DisabledHooks
+        else:
+            if not self._inline:
+                collector._feed(self._pending)
+                WORKER.attach(self._pending)
+            if self._gpu is not None:
+                self.__class__ = _CudaTimedHooks
 
     @property
     def enabled(self) -> bool:
@@ -143,13 +173,11 @@ class SpecDecodeHooks:
                    batch_size: int | None = None, method: str | None = None) -> None:
         """Open a step (optional: the first stage start opens one). `request_ids` and
         `traceparents` are copied (at C speed) and only parsed if the step is traced."""
-        if not self._on:
-            return
         try:
             if self._open >= 0:
                 self._discard_open("begin_step")
-            if self._record is not None:
-                self._close_record()  # before the reject, which raises in strict mode
+            if self._last != _NO_STEP:
+                self._close_step()  # before the reject, which raises in strict mode
                 self._reject("begin_step", "out_of_order",
                              "begin_step() called before end_step() closed the previous step; "
                              "the previous step was closed now")
@@ -175,120 +203,125 @@ class SpecDecodeHooks:
                 self._reject("begin_step", "wrong_type", f"method must be a non-empty string, "
                                                           f"got {method!r}")
                 method = None
-            # Copied now: the engine may reuse its lists, and a step whose device results
-            # are pending is read one or more steps later.
+            # Copied now: the engine may reuse its lists, and the step is read later.
             if request_ids is not None:
                 request_ids = tuple(request_ids)
             sampled = False
             if traceparents is not None:
                 traceparents = tuple(traceparents)
                 sampled = any_sampled(traceparents)
-            record = self._new_record(method or self._method, sizes.pop() if sizes else None,
-                                      request_ids, traceparents)
-            record.request_sampled = sampled
+            size = sizes.pop() if sizes else None
+            if size is not None or request_ids is not None or traceparents is not None:
+                self._begin = (size, request_ids, traceparents, sampled)
+            self._step_method = method
+            self._last = -1
         except StrictModeError:
             raise
         except Exception:
             self._internal_error("begin_step")
 
     def end_step(self) -> None:
-        """Close the step and hand it to the sinks (or queue it while device data lands)."""
-        if not self._on:
+        """Close the step and hand it over (to the worker, or to the sinks when inline)."""
+        if self._open < 0 and self._last != _NO_STEP and self._handoff:
+            # The common case, on the engine thread: one tuple appended to a deque.
+            handed = self._handed
+            handed.append((self._steps, self._step_method, self._times, self._counts,
+                           self._begin, self._gpu_marks))
+            self._steps += 1
+            self._times = [0, 0, 0, 0, 0, 0]
+            self._counts = self._begin = self._step_method = self._gpu_marks = None
+            self._last = _NO_STEP
+            queued = len(handed)
+            if queued == self._wake_at:
+                WORKER.wake()
+            elif queued > self._queue_limit:
+                self._overflow()
             return
         try:
             if self._open >= 0:
                 self._discard_open("end_step")
-            if self._record is None:
+            if self._last == _NO_STEP:
                 self._reject("end_step", "end_without_start", "end_step() without a step: "
                              "no stage was started since the last end_step()")
                 return
-            self._close_record()
+            self._close_step()
         except StrictModeError:
             raise
         except Exception:
             self._internal_error("end_step")
 
     # ---- stages ------------------------------------------------------------------------
+    # One method per hook, each with its stage's indexes written out: the common case is a
+    # timestamp and two or three attribute writes; everything else goes to _start/_end.
 
     def draft_start(self) -> None:
-        if self._on:
-            self._start(_DRAFT, "draft_start")
+        now = perf_counter_ns()
+        if self._open < 0 and self._last < self._rd:
+            self._times[0] = now
+            self._open = _DRAFT
+            self._last = self._rd
+        else:
+            self._start(_DRAFT, "draft_start", now)
 
     def draft_end(self) -> None:
-        if self._on:
-            self._end(_DRAFT, "draft_end")
+        now = perf_counter_ns()
+        if self._open == _DRAFT:
+            self._times[1] = now
+            self._open = -1
+        else:
+            self._end(_DRAFT, "draft_end", now)
 
     def verify_start(self) -> None:
-        if self._on:
-            self._start(_VERIFY, "verify_start")
+        now = perf_counter_ns()
+        if self._open < 0 and self._last < self._rv:
+            self._times[2] = now
+            self._open = _VERIFY
+            self._last = self._rv
+        else:
+            self._start(_VERIFY, "verify_start", now)
 
     def verify_end(self, accepted: Any = None, draft_tokens: Any = None,
                    groups: Any = None) -> None:
         """End verify. `accepted`: tokens accepted per request (list, numpy array, torch
-        tensor on CPU or CUDA); `draft_tokens`: K for all, or per request. A CUDA tensor is
-        copied without blocking, on a side stream after the work queued so far, and read at
-        a later step; write it in place only after end_step(), from which point the
-        current stream waits (on the device) for that copy.
+        tensor on CPU or CUDA); `draft_tokens`: K for all, or per request. Host counts are
+        copied here and checked off the engine thread (at the hook in strict mode). A CUDA
+        tensor is copied without blocking, on a side stream after the work queued so far,
+        and read at a later step; write it in place only after end_step(), from which
+        point the current stream waits (on the device) for that copy.
 
         `groups`: with `group_label` set, the group value (str: adapter, tenant, workload
         class) of each request, as a list, tuple or numpy array of str or object; acceptance
         is then counted per group. Without it the requests count under group="default"."""
-        if not self._on:
+        now = perf_counter_ns()
+        if self._open == _VERIFY:
+            self._times[3] = now
+            self._open = -1
+        elif not self._end(_VERIFY, "verify_end", now):
             return
-        if not self._end(_VERIFY, "verify_end") or accepted is None:
+        if accepted is None:
             return
-        record = self._record
-        if record is None:  # _end() succeeded, so a step is open; for the type checker
+        if self._quick and type(accepted) is np.ndarray and type(draft_tokens) is int \
+                and groups is None:
+            self._counts = (accepted.copy(), draft_tokens, None)  # checked by the consumer
             return
-        counts = None
-        try:
-            if draft_tokens is None:
-                raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
-                                                  "pass K, or the draft tokens of each request")
-            if groups is not None and self._group_label is None:
-                raise InputRejected(
-                    "groups_without_label",
-                    f"groups={reprlib.repr(groups)} given, but these hooks have no group label "
-                    "to record them under: pass group_label=\"group\" (the label name you "
-                    "want) to SpecDecodeHooks, or leave groups out")
-            counts = to_counts(accepted, "accepted", record.batch_size, self._pinned)
-            drafts = None
-            try:
-                drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
-                request_groups = (to_groups(groups, _length(counts)) if groups is not None
-                                  else None)
-            except BaseException:
-                for value in (counts, drafts):
-                    if isinstance(value, DeviceArray):
-                        value.release_source()  # the engine may reuse its tensor after all
-                        value.discard()  # its pinned buffer goes back to the pool
-                raise
-            if isinstance(counts, DeviceArray) or isinstance(drafts, DeviceArray):
-                record.accepted, record.draft_tokens = counts, drafts
-                record.groups = request_groups  # host values, kept until the counts land
-            else:
-                if self._defer_summary:
-                    # A copy: the engine may reuse its buffers before the batch is reduced.
-                    record.accepted = np.array(counts)
-                    record.draft_tokens = (np.array(drafts) if isinstance(drafts, np.ndarray)
-                                           else drafts)
-                    record.groups = request_groups  # made here: nothing the engine reuses
-                else:
-                    record.summary = summarize(counts, drafts, self._max_k, request_groups)
-        except InputRejected as rejected:
-            self._reject("verify_end", rejected.reason, rejected.message)
-        except StrictModeError:
-            raise
-        except Exception:
-            self._internal_error("verify_end")
+        self._take_counts(accepted, draft_tokens, groups)
 
     def draft_extend_start(self) -> None:
-        if self._on:
-            self._start(_EXTEND, "draft_extend_start")
+        now = perf_counter_ns()
+        if self._open < 0 and self._last < self._re:
+            self._times[4] = now
+            self._open = _EXTEND
+            self._last = self._re
+        else:
+            self._start(_EXTEND, "draft_extend_start", now)
 
     def draft_extend_end(self) -> None:
-        if self._on:
-            self._end(_EXTEND, "draft_extend_end")
+        now = perf_counter_ns()
+        if self._open == _EXTEND:
+            self._times[5] = now
+            self._open = -1
+        else:
+            self._end(_EXTEND, "draft_extend_end", now)
 
     def declare_drafter(self, target: str, drafter: str, num_speculative_tokens: int,
                         method: str | None = None) -> None:
@@ -297,8 +330,6 @@ class SpecDecodeHooks:
         drafter, the target or K changes (a model update, dynamic speculation's K): the
         new declaration replaces the previous one of the method, and the dashboard marks
         the change. Not for every step: K per request goes to verify_end."""
-        if not self._on:
-            return
         try:
             values = {"target": target, "drafter": drafter}
             for name, value in values.items():
@@ -351,8 +382,6 @@ class SpecDecodeHooks:
         that many steps in flight before more are allocated. With timer="cuda" this also
         creates the CUDA events ahead.
         """
-        if not self._on:
-            return
         import torch
 
         self._pinned.reserve(max_batch_size, (torch.int64, torch.int32), buffers)
@@ -361,13 +390,12 @@ class SpecDecodeHooks:
             self._gpu.reserve(2 * len(STAGES) * buffers)
 
     def poll(self) -> None:
-        """Hand finished steps whose device results have landed to the sinks; never waits.
-        Steps normally reach the metrics at a later end_step(): call this when the engine
-        goes idle so the last steps of a burst are not held back."""
-        if not self._on:
-            return
+        """Hand finished steps whose device results have landed to the sinks, on this
+        thread unless the worker is at it; never waits. Call it when the engine goes idle
+        so that the last steps of a burst are not held back until the worker's next look
+        (at most 50 ms) or the next scrape."""
         try:
-            self._pending.drain()
+            self._pending.drain(blocking=False)
         except StrictModeError:
             raise
         except Exception:
@@ -382,29 +410,37 @@ class SpecDecodeHooks:
 
     def close(self) -> None:
         """Drop a step left open (no end_step), flush, then unregister the collector this
-        object registered."""
-        record, self._record, self._open = self._record, None, -1
-        if record is not None:
-            for value in (record.accepted, record.draft_tokens):
-                if isinstance(value, DeviceArray):
-                    value.release_source()
-                    value.discard()
+        object registered. The hooks do nothing afterwards."""
+        counts, self._counts = self._counts, None
+        release, self._release = self._release, None
+        self._open, self._last = -1, _NO_STEP
+        for value in (*(counts[:2] if counts else ()), *(release or ())):
+            if isinstance(value, DeviceArray):
+                value.release_source()
+                value.discard()
         self.flush()
         if self._registered_in is not None:
             self._registered_in.unregister(self.collector)
             self._registered_in = None
         self._on = False
+        self.__class__ = _DisabledHooks
 
     def _reset_after_fork(self) -> None:
         """In a forked child: drop the open step, the steps waiting for device results and
         the pinned buffers and events (CUDA cannot be used in a forked child; they are set
         aside unfreed, see forking.py), and restart outlier estimates and the trace rate
-        limit; the collector resets itself."""
-        keep_forever(self._record)
-        self._record = None
-        self._open = -1
+        limit; the collector resets itself, the worker starts a new thread."""
+        keep_forever((self._counts, self._release, self._gpu_marks))
+        self._counts = self._release = self._gpu_marks = self._begin = None
+        self._step_method = None
+        self._handoff = not self._inline
+        self._times = [0] * 6
+        self._open, self._last = -1, _NO_STEP
         self._steps = 0
         self._pending._reset_after_fork()
+        self._handed = self._pending.handed
+        if self._on and not self._inline:
+            WORKER.attach(self._pending)  # a new thread in this process
         self._pinned._reset_after_fork()
         if self._gpu is not None:
             self._gpu._reset_after_fork()
@@ -413,34 +449,36 @@ class SpecDecodeHooks:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _start(self, stage: int, hook: str) -> None:
-        now = perf_counter_ns()
+    def _start(self, stage: int, hook: str, now: int | None = None) -> None:
+        if now is None:
+            now = perf_counter_ns()
         try:
             if self._open >= 0:
                 self._discard_open(hook)
-            record = self._record
-            if record is None:
-                record = self._new_record(self._method)
-            elif record.last_stage >= 0 and (self._rank[stage]
-                                             <= self._rank[record.last_stage]):
-                self._close_record()  # before the reject, which raises in strict mode
+            rank = self._rank[stage]
+            if self._last >= 0 and rank <= self._last:
+                last = self._rank.index(self._last)
+                self._close_step()  # before the reject, which raises in strict mode
                 self._reject(hook, "out_of_order",
-                             f"{STAGES[stage]} started after {STAGES[record.last_stage]} in the "
+                             f"{STAGES[stage]} started after {STAGES[last]} in the "
                              "same step; call end_step() after each step (the previous step "
                              "was closed now)")
-                record = self._new_record(self._method)
-            record.starts[stage] = now
+            self._times[2 * stage] = now
             if self._gpu is not None:
-                record.gpu_starts[stage] = self._gpu.mark()  # type: ignore[index]
-            record.last_stage = stage
+                marks = self._gpu_marks
+                if marks is None:
+                    marks = self._gpu_marks = [None] * 6
+                marks[2 * stage] = self._gpu.mark()
+            self._last = rank
             self._open = stage
         except StrictModeError:
             raise
         except Exception:
             self._internal_error(hook)
 
-    def _end(self, stage: int, hook: str) -> bool:
-        now = perf_counter_ns()
+    def _end(self, stage: int, hook: str, now: int | None = None) -> bool:
+        if now is None:
+            now = perf_counter_ns()
         try:
             if self._open != stage:
                 open_note = (f"{STAGES[self._open]} is open" if self._open >= 0
@@ -448,10 +486,9 @@ class SpecDecodeHooks:
                 self._reject(hook, "end_without_start",
                              f"{hook}() without {STAGES[stage]}_start() ({open_note}); dropped")
                 return False
-            record = self._record
-            record.ends[stage] = now  # type: ignore[union-attr]
-            if self._gpu is not None:
-                record.gpu_ends[stage] = self._gpu.mark()  # type: ignore[union-attr,index]
+            self._times[2 * stage + 1] = now
+            if self._gpu is not None and self._gpu_marks is not None:
+                self._gpu_marks[2 * stage + 1] = self._gpu.mark()
             self._open = -1
             return True
         except StrictModeError:
@@ -464,32 +501,121 @@ class SpecDecodeHooks:
             self._internal_error(hook)
             return False
 
-    def _new_record(self, method: str, batch_size: int | None = None,
-                    request_ids: Sequence[Any] | None = None,
-                    traceparents: Sequence[str | None] | None = None) -> StepRecord:
-        record = self._record = StepRecord(self._steps, method, batch_size, request_ids,
-                                           traceparents)
+    def _take_counts(self, accepted: Any, draft_tokens: Any, groups: Any) -> None:
+        """Store the step's counts: host values copied as they are (checked by the
+        consumer), else checked here (torch tensors, CUDA copies, strict mode)."""
+        if self._quick:
+            kind = type(accepted)
+            copy = (accepted.copy() if kind is np.ndarray
+                    else tuple(accepted) if kind is list or kind is tuple else _NOT)
+            if copy is not _NOT:
+                kind = type(draft_tokens)
+                drafts = (draft_tokens if kind is int
+                          else draft_tokens.copy() if kind is np.ndarray
+                          else tuple(draft_tokens) if kind is list or kind is tuple else _NOT)
+                kind = type(groups)
+                request_groups = (
+                    _NOT if drafts is _NOT or (groups is not None and self._group_label is None)
+                    else groups if groups is None
+                    else tuple(groups) if kind is list or kind is tuple
+                    else groups.copy() if kind is np.ndarray else _NOT)
+                if request_groups is not _NOT:
+                    self._counts = (copy, drafts, request_groups)
+                    return
+        self._check_counts(accepted, draft_tokens, groups)
+
+    def _check_counts(self, accepted: Any, draft_tokens: Any, groups: Any) -> None:
+        counts = None
+        batch_size = self._begin[0] if self._begin is not None else None
+        try:
+            if draft_tokens is None:
+                raise InputRejected("wrong_type", "draft_tokens is required with accepted: "
+                                                  "pass K, or the draft tokens of each request")
+            if groups is not None and self._group_label is None:
+                raise InputRejected(
+                    "groups_without_label",
+                    f"groups={reprlib.repr(groups)} given, but these hooks have no group label "
+                    "to record them under: pass group_label=\"group\" (the label name you "
+                    "want) to SpecDecodeHooks, or leave groups out")
+            counts = to_counts(accepted, "accepted", batch_size, self._pinned)
+            drafts = None
+            try:
+                drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
+                request_groups = (to_groups(groups, _length(counts)) if groups is not None
+                                  else None)
+            except BaseException:
+                for value in (counts, drafts):
+                    if isinstance(value, DeviceArray):
+                        value.release_source()  # the engine may reuse its tensor after all
+                        value.discard()  # its pinned buffer goes back to the pool
+                raise
+            device = [v for v in (counts, drafts) if isinstance(v, DeviceArray)]
+            if device:
+                self._counts = (counts, drafts, request_groups, None)
+                self._release = device
+                self._handoff = False
+            elif self._defer_summary:
+                # A copy: the engine may reuse its buffers before the consumer reads them.
+                self._counts = (np.array(counts),
+                                np.array(drafts) if isinstance(drafts, np.ndarray) else drafts,
+                                request_groups, None)
+            else:
+                self._counts = (counts, drafts, request_groups,
+                                summarize(counts, drafts, self._max_k,  # type: ignore[arg-type]
+                                          request_groups))
+        except InputRejected as rejected:
+            self._reject("verify_end", rejected.reason, rejected.message)
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("verify_end")
+
+    def _close_step(self) -> None:
+        """Hand the open step over and start afresh (the general form of end_step)."""
+        raw: Raw = (self._steps, self._step_method, self._times, self._counts, self._begin,
+                    self._gpu_marks)
+        release = self._release
         self._steps += 1
-        if self._gpu is not None:
-            record.gpu_starts = [None] * len(STAGES)
-            record.gpu_ends = [None] * len(STAGES)
-        return record
+        self._times = [0] * 6
+        self._counts = self._begin = self._step_method = self._gpu_marks = None
+        self._release = None
+        self._handoff = not self._inline
+        self._open, self._last = -1, _NO_STEP
+        try:
+            # Device counts are read on a side stream: from here on the engine's stream
+            # waits for that copy, so the engine may overwrite or free them.
+            for value in release or ():
+                value.release_source()
+        finally:
+            if self._inline:
+                self._pending.add(raw)
+            else:
+                handed = self._handed
+                handed.append(raw)
+                queued = len(handed)
+                if queued == self._wake_at:
+                    WORKER.wake()
+                elif queued > self._queue_limit:
+                    self._overflow()
+
+    def _overflow(self) -> None:
+        try:
+            self._pending.overflow()
+        except StrictModeError:
+            raise
+        except Exception:
+            self._internal_error("end_step")
 
     def _forget_open(self) -> int:
         """Forget the open stage as if it had not started (so it may be started again in
         this step); return its index."""
-        record = self._record
         stage = self._open
         self._open = -1
-        if record is not None:
-            record.starts[stage] = 0
-            record.ends[stage] = 0
-            if record.gpu_starts is not None:
-                record.gpu_starts[stage] = None
-            if record.gpu_ends is not None:
-                record.gpu_ends[stage] = None
-            done = [i for i, end in enumerate(record.ends) if end]
-            record.last_stage = max(done, key=self._rank.__getitem__) if done else -1
+        self._times[2 * stage] = self._times[2 * stage + 1] = 0
+        if self._gpu_marks is not None:
+            self._gpu_marks[2 * stage] = self._gpu_marks[2 * stage + 1] = None
+        done = [self._rank[i] for i in range(len(STAGES)) if self._times[2 * i + 1]]
+        self._last = max(done) if done else -1
         return stage
 
     def _discard_open(self, hook: str) -> None:
@@ -513,19 +639,6 @@ class SpecDecodeHooks:
                                                   f"request, got {_short(value)}; ignored")
         return None
 
-    def _close_record(self) -> None:
-        record = self._record
-        self._record = None
-        if record is not None:
-            try:
-                # Device counts are read on a side stream: from here on the engine's
-                # stream waits for that copy, so the engine may overwrite or free them.
-                for value in (record.accepted, record.draft_tokens):
-                    if isinstance(value, DeviceArray):
-                        value.release_source()
-            finally:
-                self._pending.add(record)
-
     def _reject(self, hook: str, reason: str, message: str) -> None:
         self._drops.reject(hook, reason, message, self._strict)
 
@@ -534,25 +647,68 @@ class SpecDecodeHooks:
         logger.exception("spec_metrics.%s: internal error, step data dropped (please report)", hook)
 
 
-def _noop() -> None:
-    return None
+class _CudaTimedHooks(SpecDecodeHooks):
+    """timer="cuda": every stage boundary also records a CUDA event (the general path)."""
+
+    def draft_start(self) -> None:
+        self._start(_DRAFT, "draft_start")
+
+    def draft_end(self) -> None:
+        self._end(_DRAFT, "draft_end")
+
+    def verify_start(self) -> None:
+        self._start(_VERIFY, "verify_start")
+
+    def verify_end(self, accepted: Any = None, draft_tokens: Any = None,
+                   groups: Any = None) -> None:
+        if self._end(_VERIFY, "verify_end") and accepted is not None:
+            self._take_counts(accepted, draft_tokens, groups)
+
+    def draft_extend_start(self) -> None:
+        self._start(_EXTEND, "draft_extend_start")
+
+    def draft_extend_end(self) -> None:
+        self._end(_EXTEND, "draft_extend_end")
 
 
-def _noop_begin_step(request_ids: Any = None, traceparents: Any = None,
-                     batch_size: Any = None, method: Any = None) -> None:
-    return None
+class _DisabledHooks(SpecDecodeHooks):
+    """enabled=False (or closed): every hook is a method that does nothing."""
 
+    def begin_step(self, request_ids: Any = None, traceparents: Any = None,
+                   batch_size: Any = None, method: Any = None) -> None:
+        pass
 
-def _noop_verify_end(accepted: Any = None, draft_tokens: Any = None,
-                     groups: Any = None) -> None:
-    return None
+    def end_step(self) -> None:
+        pass
 
+    def draft_start(self) -> None:
+        pass
 
-_HOOK_NAMES = ("begin_step", "end_step", "draft_start", "draft_end", "verify_start",
-               "verify_end", "draft_extend_start", "draft_extend_end", "poll")
-_NOOPS = {name: _noop for name in _HOOK_NAMES}
-_NOOPS["begin_step"] = _noop_begin_step
-_NOOPS["verify_end"] = _noop_verify_end
+    def draft_end(self) -> None:
+        pass
+
+    def verify_start(self) -> None:
+        pass
+
+    def verify_end(self, accepted: Any = None, draft_tokens: Any = None,
+                   groups: Any = None) -> None:
+        pass
+
+    def draft_extend_start(self) -> None:
+        pass
+
+    def draft_extend_end(self) -> None:
+        pass
+
+    def declare_drafter(self, target: str, drafter: str, num_speculative_tokens: int,
+                        method: str | None = None) -> None:
+        pass
+
+    def warm_up_device(self, max_batch_size: int, buffers: int = 8) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -44,12 +44,14 @@ class StepSinks:
         self._gpu = gpu
         self._max_k = max_k
         self._reject = reject
+        # How a warning names counts checked after their hook ran (not read from a device).
+        self.deferred_where = "checked off the engine thread"
 
     def consume(self, record: StepRecord) -> None:
         summary = record.summary
         if summary is None and record.accepted is not None:
             where = ("read from the device" if isinstance(record.accepted, DeviceArray)
-                     or isinstance(record.draft_tokens, DeviceArray) else "reduced in a batch")
+                     or isinstance(record.draft_tokens, DeviceArray) else self.deferred_where)
             try:
                 summary = summarize(_resolve(record.accepted), _resolve(record.draft_tokens),
                                     self._max_k, record.groups)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from spec_metrics._prometheus.textformat import (
 from spec_metrics._support.config import check_group_label
 from spec_metrics._support.drops import DropCounter, Tally
 from spec_metrics._support.forking import reset_after_fork
+from spec_metrics._support.log import logger
 from spec_metrics._support.summary import AcceptSummary
 from spec_metrics._tracing.step_exemplars import StepExemplars
 from spec_metrics.catalog import (
@@ -134,6 +136,9 @@ class SpecDecodeCollector(Collector):
         self._label_names = tuple(self.const_labels)
         self._label_values = tuple(self.const_labels.values())
         self._deferred: deque = deque()  # steps that found the lock held (see consume)
+        # Queues of finished steps feeding this collector (hooks with a worker): a scrape
+        # consumes them first, so it shows every step ended before it.
+        self._feeders: "weakref.WeakSet[Any]" = weakref.WeakSet()
         # Text prefixes per method, family headers per format (True: OpenMetrics).
         self._texts: dict[str, SeriesText] = {}
         self._reason_prefixes: dict[tuple[MetricSpec, str], str] = {}
@@ -153,7 +158,7 @@ class SpecDecodeCollector(Collector):
         self.folded = 0
         if self._groups is not None:
             self._groups = GroupTable(self.max_groups)
-        self._deferred = deque()
+        self._deferred = deque()  # the feeders stay: each resets its own queue
         self._texts = {}
         self._reason_prefixes = {}
         self.drops._reset_after_fork()
@@ -196,6 +201,19 @@ class SpecDecodeCollector(Collector):
             if method not in self._drafters and len(self._drafters) >= self.max_methods:
                 method = OTHER_LABEL_VALUE
             self._drafters[method] = (target, drafter, str(int(num_speculative_tokens)))
+
+    def _feed(self, queue: Any) -> None:
+        """Register a queue of finished steps (`PendingSteps`) consumed before each scrape."""
+        self._feeders.add(queue)
+
+    def _consume_feeders(self) -> None:
+        for queue in list(self._feeders):
+            try:
+                queue.drain()
+            except Exception:  # a scrape must answer whatever a sink does
+                self.drops.count("internal_error")
+                logger.exception("spec_metrics: consuming finished steps before a scrape "
+                                 "failed (please report)")
 
     def _series_locked(self, method: str) -> MethodSeries:
         series = self._series.get(method)
@@ -328,6 +346,7 @@ class SpecDecodeCollector(Collector):
     def _snapshot(self, shown: list) -> Snapshot:
         """Copy everything a scrape renders, under the lock (deferred steps first); the
         exemplars read are appended to `shown` as (slots, index, exemplar)."""
+        self._consume_feeders()
         with self._lock:
             if self._deferred:
                 self._apply_deferred()

@@ -35,11 +35,14 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "slow_step_seconds": ("SPEC_METRICS_SLOW_STEP_SECONDS", "float"),
     "slow_stage_seconds": ("SPEC_METRICS_SLOW_STAGE_SECONDS", "float"),
     "outlier_quantile": ("SPEC_METRICS_OUTLIER_QUANTILE", "float"),
+    "consumer": ("SPEC_METRICS_CONSUMER", "str"),
 }
 
 
 def _parse_env(name: str, raw: str, kind: str) -> Any:
     raw = raw.strip()
+    if kind == "str":
+        return raw
     if kind == "bool":
         lowered = raw.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -81,10 +84,19 @@ class HooksConfig:
     # Steps whose device results (CUDA tensors) are not ready yet; beyond this the oldest
     # is dropped rather than waiting on the device.
     max_pending_steps: int = 256
-    # Finished steps are handed to the sinks this many at a time, in one hot loop, instead of
-    # one by one between the engine's own work (where the CPU caches are cold and the same
-    # code costs several times more). Metrics lag by up to batch_steps - 1 steps; poll()
-    # hands a partial batch over. Strict mode keeps its checks at the hook.
+    # Where finished steps are checked, traced and aggregated: "worker" (spec_metrics'
+    # thread, and scrapes, which first consume what is queued), or "inline" (end_step() on
+    # the engine thread). Strict mode is always inline, so its errors come from the hooks.
+    consumer: str = "worker"
+    # Finished steps handed to the worker and not yet consumed; beyond this end_step()
+    # consumes the queue on the engine thread (waiting at most 10 ms for another consumer's
+    # chunk, else dropping the oldest: pending_overflow).
+    max_queued_steps: int = 4096
+    # With consumer="inline": finished steps are handed to the sinks this many at a time, in
+    # one hot loop, instead of one by one between the engine's own work (where the CPU caches
+    # are cold and the same code costs several times more). Metrics lag by up to
+    # batch_steps - 1 steps; poll() hands a partial batch over. Strict mode keeps its checks
+    # at the hook. The worker batches by itself.
     batch_steps: int = 1
     # Distinct `method` label values a collector keeps; steps of further methods are
     # recorded under method="other" and counted in spec_metrics_label_values_folded_total.
@@ -186,6 +198,10 @@ class HooksConfig:
                f"stage_order must name each of {', '.join(STAGES)} once, got {order!r}")
         object.__setattr__(self, "stage_order", order)
         _check(self.timer in ("cpu", "cuda"), f"timer must be 'cpu' or 'cuda', got {self.timer!r}")
+        _check(self.consumer in ("worker", "inline"),
+               f"consumer must be 'worker' or 'inline', got {self.consumer!r}")
+        _check(isinstance(self.max_queued_steps, int) and self.max_queued_steps >= 1,
+               f"max_queued_steps must be an integer >= 1, got {self.max_queued_steps!r}")
         _check(self.max_pending_steps >= 1,
                f"max_pending_steps must be >= 1, got {self.max_pending_steps!r}")
         _check(isinstance(self.batch_steps, int) and 1 <= self.batch_steps <= 4096,

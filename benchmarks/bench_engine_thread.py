@@ -1,0 +1,266 @@
+"""Engine-thread cost of the hooks against the floor, with the worker thread running.
+
+    python benchmarks/bench_engine_thread.py [--batches 1 16 64 256 512] [--json out.json]
+                                             [--plot out.png]
+
+An engine step here is a "device wait" that releases the GIL, as a serving engine's thread
+does while it waits on the device or runs torch kernels (a SHA-256 of a buffer sized to
+take `--wait-us` of CPU, C code without the GIL), followed by the 7 hook calls of a step
+(draft_start ... end_step, batch `--batch`, K 4), timed back to back. Modes, interleaved in
+blocks so that the VM's drift hits them alike:
+
+- off: the wait only (the reference for step time and CPU);
+- floor: 7 perf_counter_ns + one np.searchsorted of a duration in the stage buckets + one
+  np.bincount of the batch: what any instrumentation of this shape pays on the engine thread;
+- worker: the default configuration (metrics + tracing with SpanExportProcessor and a no-op
+  exporter, consumer="worker");
+- inline: the same with consumer="inline" (the cost before issue 16).
+
+Reported per mode and batch: the hooks' time on the engine thread per step (median, mean),
+the engine thread's CPU and the process CPU (all threads: the worker, the span export
+thread) per step above `off`, and the step's wall time above `off`, which is where GIL
+contention from the worker would show (the engine waiting to get the GIL back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from time import perf_counter_ns, process_time_ns, thread_time_ns
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_hooks import machine_info  # noqa: E402
+
+MODES = ("off", "floor", "worker", "inline")
+K = 4
+
+
+def calibrate_wait(wait_us: float) -> bytes:
+    """A buffer whose SHA-256 takes about `wait_us` (hashlib releases the GIL above 2 KiB)."""
+    size = 1 << 16
+    buf = bytes(size)
+    t0 = perf_counter_ns()
+    for _ in range(50):
+        hashlib.sha256(buf).digest()
+    per_byte = (perf_counter_ns() - t0) / 50 / size
+    return bytes(max(4096, int(wait_us * 1e3 / per_byte)))
+
+
+def make_hooks(mode: str, batch: int) -> Any:
+    if mode in ("off", "floor"):
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from prometheus_client import CollectorRegistry
+
+    from spec_metrics import SpanExportProcessor, SpecDecodeHooks
+
+    class Null(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    provider = TracerProvider()
+    provider.add_span_processor(SpanExportProcessor(Null()))
+    return SpecDecodeHooks("eagle", registry=CollectorRegistry(), tracer_provider=provider,
+                           max_draft_tokens=K, consumer=mode)
+
+
+class Block:
+    """Runs `n` steps of one mode and accumulates its measurements."""
+
+    def __init__(self, mode: str, batch: int, wait: bytes) -> None:
+        self.mode, self.batch, self.wait = mode, batch, wait
+        self.hooks = make_hooks(mode, batch)
+        rng = np.random.default_rng(batch)
+        self.pool = [rng.integers(0, K + 1, batch) for _ in range(64)]
+        self.hook_ns: list[int] = []
+        self.step_ns = self.thread_ns = self.process_ns = self.steps = 0
+
+    def run(self, n: int, keep: bool = True) -> None:
+        h, pool, wait, sha = self.hooks, self.pool, self.wait, hashlib.sha256
+        pc = perf_counter_ns
+        samples = [0] * n
+        bounds = np.array([0.0005 * 2 ** i for i in range(16)])
+        searchsorted, bincount = np.searchsorted, np.bincount
+        t_step, t_thread, t_proc = pc(), thread_time_ns(), process_time_ns()
+        for j in range(n):
+            acc = pool[j & 63]
+            sha(wait).digest()  # the device wait: no GIL held
+            if h is None:
+                if self.mode == "floor":
+                    t0 = pc()
+                    pc()
+                    pc()
+                    pc()
+                    searchsorted(bounds, 0.0013)
+                    bincount(acc, minlength=K + 1)
+                    pc()
+                    pc()
+                    pc()
+                    t1 = pc()
+                    samples[j] = t1 - t0
+                continue
+            t0 = pc()
+            h.draft_start()
+            h.draft_end()
+            h.verify_start()
+            h.verify_end(acc, K)
+            h.draft_extend_start()
+            h.draft_extend_end()
+            h.end_step()
+            samples[j] = pc() - t0
+        if h is not None:
+            h.poll()  # what is left of this block is consumed now, counted in this block
+        if keep:
+            self.step_ns += pc() - t_step
+            self.thread_ns += thread_time_ns() - t_thread
+            self.process_ns += process_time_ns() - t_proc
+            self.steps += n
+            self.hook_ns.extend(samples)
+
+    def result(self, off: "Block") -> dict[str, float]:
+        per = 1e3 * self.steps
+        offper = 1e3 * off.steps
+        hooks = sorted(self.hook_ns)
+        return {
+            "steps": self.steps,
+            "hook_median_us": statistics.median(hooks) / 1e3 if self.mode != "off" else 0.0,
+            "hook_mean_us": statistics.fmean(hooks) / 1e3 if self.mode != "off" else 0.0,
+            "thread_cpu_us": self.thread_ns / per - off.thread_ns / offper,
+            "process_cpu_us": self.process_ns / per - off.process_ns / offper,
+            "step_wall_us": self.step_ns / per - off.step_ns / offper,
+        }
+
+
+def run(batches: Sequence[int], steps: int, rounds: int, wait_us: float) -> dict[str, Any]:
+    wait = calibrate_wait(wait_us)
+    cells = {b: {m: Block(m, b, wait) for m in MODES} for b in batches}
+    for blocks in cells.values():
+        for block in blocks.values():
+            block.run(300, keep=False)
+    per_round = max(1, steps // rounds)
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for blocks in cells.values():
+            for block in blocks.values():
+                block.run(per_round)
+        print(f"  round {r + 1}/{rounds}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    out: dict[str, Any] = {"batches": list(batches), "steps": per_round * rounds,
+                           "rounds": rounds, "wait_us": wait_us, "cells": {}}
+    for b, blocks in cells.items():
+        out["cells"][str(b)] = {m: block.result(blocks["off"]) for m, block in blocks.items()}
+    for block in (blk for blocks in cells.values() for blk in blocks.values()):
+        if block.hooks is not None:
+            drops = {k: v for k, v in block.hooks.collector.drops.counts.items() if v}
+            out["cells"][str(block.batch)][block.mode]["drops"] = drops
+    fit = {}
+    for mode in ("floor", "worker", "inline"):
+        xs = [float(b) for b in batches]
+        for stat in ("hook_median_us", "process_cpu_us"):
+            ys = [out["cells"][str(b)][mode][stat] for b in batches]
+            slope, intercept = np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, ys[0])
+            fit[f"{mode}:{stat}"] = {"us_per_request": float(slope),
+                                     "intercept_us": float(intercept)}
+    out["fit"] = fit
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"µs per step; {result['steps']} steps per mode and batch in {result['rounds']} "
+        f"interleaved rounds; device wait {result['wait_us']:.0f} µs (GIL released). "
+        "hooks: the 7 calls on the engine thread; CPU and wall: above `off`.", "",
+        "| batch | mode | hooks median | hooks mean | engine-thread CPU | process CPU | "
+        "step wall | hooks median / floor | process CPU / floor |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in result["batches"]:
+        cell = result["cells"][str(b)]
+        floor = cell["floor"]["hook_median_us"]
+        for mode in MODES[1:]:
+            r = cell[mode]
+            lines.append(
+                f"| {b} | {mode} | {r['hook_median_us']:.2f} | {r['hook_mean_us']:.2f} | "
+                f"{r['thread_cpu_us']:.2f} | {r['process_cpu_us']:.2f} | "
+                f"{r['step_wall_us']:.2f} | {r['hook_median_us'] / floor:.2f} | "
+                f"{r['process_cpu_us'] / floor:.2f} |")
+    lines += ["", "Least-squares fit against batch size (µs per request, intercept µs):", ""]
+    for name, f in result["fit"].items():
+        lines.append(f"- {name}: {f['us_per_request']:.5f} per request, "
+                     f"{f['intercept_us']:.2f} at batch 0")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = result["batches"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: list[tuple[str, str, Callable[[dict], float], str]] = [
+        ("worker", "engine thread (hooks, median)", lambda r: r["hook_median_us"], "-"),
+        ("worker", "total CPU, all threads", lambda r: r["process_cpu_us"], "--"),
+        ("inline", "inline consumer: engine thread", lambda r: r["hook_median_us"], ":"),
+    ]
+    for mode, label, get, style in series:
+        ax.plot(xs, [get(result["cells"][str(b)][mode]) for b in xs], style, marker="o",
+                label=label)
+    ax.plot(xs, [result["cells"][str(b)]["floor"]["hook_median_us"] for b in xs], "k-",
+            lw=2, label="floor: 7 timestamps + searchsorted + bincount")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (requests per step), K = 4")
+    ax.set_ylabel("µs per decode step")
+    ax.set_title("spec_metrics cost per step, default configuration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256, 512])
+    p.add_argument("--steps", type=int, default=6000, help="steps per mode and batch")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--wait-us", type=float, default=500.0)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    a = p.parse_args(argv)
+    logging.getLogger("opentelemetry").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    gc.collect()
+    result = run(a.batches, a.steps, a.rounds, a.wait_us)
+    result["machine"] = machine_info()
+    result["machine"]["loadavg_1m_before_after"] = [load, os.getloadavg()[0]]
+    result["command"] = " ".join(["python", *(sys.argv if argv is None else
+                                              ["benchmarks/bench_engine_thread.py", *argv])])
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(f"{result['command']}  ({result['date']}, {result['elapsed_s']} s)")
+    print(markdown(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if a.plot:
+        plot(result, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
