@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 
 import spec_metrics
 from spec_metrics import StrictModeError
-from spec_metrics._core.worker import WORKER
 
 from .conftest import run_step, sample_value, scrape
 from .test_fork import run_in_child
@@ -141,7 +140,6 @@ def test_the_worker_thread_consumes_without_a_scrape(registry, provider, exporte
         time.sleep(0.01)  # the worker looks at least every 50 ms
     assert threads == ["spec-metrics-steps"] * 5
     assert len(exporter.get_finished_spans()) == 5 * 4  # built by the worker
-    assert WORKER.turns >= 1
 
 
 def test_bad_input_is_counted_with_its_step_when_checked(make_hooks, registry, caplog) -> None:
@@ -266,3 +264,53 @@ def test_a_forked_child_consumes_with_its_own_worker(make_hooks, registry) -> No
     assert result["threads"] == ["spec-metrics-steps"] * 3
     assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
                         "spec_decode_accepted_tokens_total", method="eagle") == 1
+
+
+@pytest.mark.parametrize("group_label", [None, "group"])
+def test_steps_consumed_in_batches_equal_one_by_one(clock, group_label) -> None:
+    """The worker takes runs of plain steps (numpy counts, one K) in one vectorized batch;
+    traced steps (slow, outliers, ratio) and bad counts in a run go one by one. Metrics
+    (float sums included), drops and spans equal the inline consumer's."""
+    (worker, w_reg, w_exp), (inline, i_reg, i_exp) = _pair(
+        [{}, {"consumer": "inline"}], group_label=group_label, trace_ratio=0.05,
+        slow_step_seconds=0.05, max_draft_tokens=4, outlier_min_samples=50,
+        max_traced_steps_per_second=1e6)  # real-time token bucket: not what is compared
+    rng = np.random.default_rng(3)
+    for hooks in (worker, inline):
+        hooks._tracer._random.seed(3)  # the same ratio draws, in the same order
+    bad = 0
+    with worker._pending._lock:  # the steps queue up: the drain below sees long runs
+        for i in range(1500):
+            accepted = rng.integers(0, 5, int(rng.integers(1, 40)))
+            k = 4 if i % 50 else 2
+            if i % 97 == 13:
+                accepted[0] = 7  # accepted > drafted: this run goes one by one
+            bad += int((accepted > k).any())
+            durations = rng.uniform(0.001, 0.004, 3)
+            if i % 211 == 100:
+                durations[1] = 0.2  # an outlier and a slow step
+            for index, (start, end) in enumerate(
+                    (("draft_start", "draft_end"), ("verify_start", None),
+                     ("draft_extend_start", "draft_extend_end"))):
+                if i % 7 == 3 and index == 2:
+                    continue  # no draft_extend in this step
+                for hooks in (worker, inline):
+                    getattr(hooks, start)()
+                clock.advance(float(durations[index]))
+                for hooks in (worker, inline):
+                    if end is None:
+                        hooks.verify_end(accepted, np.int64(k) if i % 300 == 5 else k)
+                    else:
+                        getattr(hooks, end)()
+            for hooks in (worker, inline):
+                hooks.end_step()
+        assert len(worker._pending.handed) == 1500
+    assert _samples(w_reg) == _samples(i_reg)
+    worker.flush()
+    inline.flush()
+    assert worker.collector.drops.counts == inline.collector.drops.counts
+    assert worker.collector.drops.counts["accepted_exceeds_drafted"] == bad > 16
+    assert _span_shapes(w_exp) == _span_shapes(i_exp)
+    reasons = {s.attributes["spec_decode.sample_reason"] for s in w_exp.get_finished_spans()
+               if s.name == "spec_decode.step"}
+    assert reasons >= {"slow", "ratio"}

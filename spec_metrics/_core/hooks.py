@@ -129,6 +129,8 @@ class SpecDecodeHooks:
                                      self._internal_error)
         if self._inline:
             self._sinks.deferred_where = "reduced in a batch"
+        elif on_step is None:  # a listener gets each step's result: one by one then
+            self._pending.consume_batch = self._sinks.consume_batch
         self._handed = self._pending.handed
         self._queue_limit = config.max_queued_steps
         self._wake_at = min(WAKE_AT, config.max_queued_steps)

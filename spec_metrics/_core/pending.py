@@ -19,6 +19,8 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
+import numpy as np
+
 from spec_metrics._core.cuda_timing import wait_events
 from spec_metrics._core.groups import to_groups
 from spec_metrics._core.inputs import DeviceArray, to_counts, to_draft_tokens
@@ -29,7 +31,7 @@ from spec_metrics._support.forking import keep_forever
 __all__ = ["PendingSteps", "Raw"]
 
 
-CHUNK = 32  # steps consumed per turn of the lock
+CHUNK = 128  # steps consumed per turn of the lock
 OVERFLOW_WAIT_S = 0.01  # most an end_step() with a full queue waits for another consumer
 
 # What end_step() hands over: (index, method, times, counts, begin, gpu_marks). `times`:
@@ -61,6 +63,9 @@ class PendingSteps:
         self._waiting: deque[StepRecord] = deque()  # consumer side, under self._lock
         self._lock = threading.Lock()
         self._owner = 0  # thread id holding self._lock (an on_step listener may scrape)
+        # StepSinks.consume_batch, where consecutive simple steps may be consumed together
+        # (set by the hooks: with the worker and without an on_step listener).
+        self.consume_batch: Callable[[str, list, Callable], None] | None = None
 
     def _consume(self, record: StepRecord) -> None:
         try:
@@ -71,6 +76,16 @@ class PendingSteps:
             if self._failed is None:
                 raise
             self._failed("end_step")  # counted as internal_error; the next steps go on
+
+    def _consume_many(self, raws: list) -> None:
+        try:
+            self.consume_batch(self._method, raws, self._record)  # type: ignore[misc]
+        except StrictModeError:
+            raise
+        except Exception:
+            if self._failed is None:
+                raise
+            self._failed("end_step")
 
     def _reset_after_fork(self) -> None:
         """In a forked child: set the parent's queued steps aside, unread and unfreed (their
@@ -152,10 +167,32 @@ class PendingSteps:
                 if handed:
                     self._admit_behind_waiting()
                 return done
-            try:
-                raw = handed.popleft()
-            except IndexError:
-                return done
+            if self.consume_batch is not None and _simple(handed[0]):
+                batch: list = []
+                odd = None
+                room = limit - done if limit else len(handed)
+                while handed and len(batch) < room and _simple(handed[0]):
+                    try:
+                        raw = handed.popleft()
+                    except IndexError:
+                        break
+                    if not _simple(raw):  # overflow() took the one looked at
+                        odd = raw
+                        break
+                    batch.append(raw)
+                if batch:
+                    self._consume_many(batch)
+                    done += len(batch)
+                if odd is None:
+                    if limit and done >= limit:
+                        return done
+                    continue
+                raw = odd
+            else:
+                try:
+                    raw = handed.popleft()
+                except IndexError:
+                    return done
             record = self._record(raw)
             if record is None:
                 continue
@@ -237,6 +274,17 @@ class PendingSteps:
             return record
         record.accepted, record.draft_tokens, record.groups, record.summary = counts
         return record
+
+
+def _simple(raw: Any) -> bool:
+    """A handed-over step that StepSinks.consume_batch takes: host int counts with one K,
+    no groups, no begin_step data, no CUDA events, the default method."""
+    if type(raw) is not tuple or raw[1] is not None or raw[4] is not None \
+            or raw[5] is not None:
+        return False
+    counts = raw[3]
+    return (counts is not None and len(counts) == 3 and type(counts[0]) is np.ndarray
+            and type(counts[1]) is int and counts[2] is None)
 
 
 def _discard_device_data(item: "Raw | StepRecord") -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+
 from spec_metrics._core.cuda_timing import CudaEventTimer, gpu_times_ns
 from spec_metrics._core.inputs import DeviceArray, summarize
 from spec_metrics._core.record import StepRecord
@@ -13,6 +15,9 @@ from spec_metrics._support.log import logger
 from spec_metrics._tracing.sink import TraceSink
 
 __all__ = ["StepSinks", "StepResult"]
+
+_UNDECIDED = object()  # consume(): the trace sink has not decided this step yet
+_NO_START = np.iinfo(np.int64).max
 
 
 class StepResult(NamedTuple):
@@ -47,7 +52,9 @@ class StepSinks:
         # How a warning names counts checked after their hook ran (not read from a device).
         self.deferred_where = "checked off the engine thread"
 
-    def consume(self, record: StepRecord) -> None:
+    def consume(self, record: StepRecord, decided: Any = _UNDECIDED) -> None:
+        """One step; `decided`: the trace sink's decision if it was made already (in
+        consume_batch)."""
         summary = record.summary
         if summary is None and record.accepted is not None:
             where = ("read from the device" if isinstance(record.accepted, DeviceArray)
@@ -68,7 +75,8 @@ class StepSinks:
         stage_seconds, step_seconds = record.durations()
         exemplars = reason = None
         if self._tracer is not None and step_seconds is not None:  # a stage was timed
-            reason = self._tracer.decide(stage_seconds, step_seconds, record.request_sampled)
+            reason = (self._tracer.decide(stage_seconds, step_seconds, record.request_sampled)
+                      if decided is _UNDECIDED else decided)
             if reason is not None:
                 exemplars = self._tracer.emit(record, reason, record.method, summary)
         if self._collector is not None:
@@ -76,6 +84,54 @@ class StepSinks:
                                     exemplars)
         if self._on_step is not None:
             self._notify(record, stage_seconds, step_seconds, summary, exemplars, reason)
+
+    def consume_batch(self, method: str, raws: list, record_of: Callable[[Any], StepRecord]
+                      ) -> None:
+        """Consecutive finished steps of `method` as end_step() handed them over, each with
+        a host array of int64 accepted counts, one K >= 1 for the batch, no groups, no
+        begin_step data and no CUDA events (PendingSteps picks them): checked, decided and
+        aggregated with a few numpy calls for all of them. Traced steps (and every step,
+        if some counts are bad) go through `consume` one by one, in order, so the metrics,
+        sums included, are exactly those of one-by-one consumption."""
+        accepted = [raw[3][0] for raw in raws]
+        ks = [raw[3][1] for raw in raws]
+        lengths = [a.shape[0] for a in accepted]
+        good = (min(ks) >= 1 and max(ks) <= self._max_k and min(lengths) > 0
+                and all(a.dtype == np.int64 and a.ndim == 1 for a in accepted))
+        if good:
+            joined = np.concatenate(accepted)
+            good = not (joined.min() < 0 or (joined > np.repeat(ks, lengths)).any())
+        if not good:
+            for raw in raws:
+                self.consume(record_of(raw))  # the checks name the step and the value
+            return
+        times = np.array([raw[2] for raw in raws], dtype=np.int64)
+        starts, ends = times[:, 0::2], times[:, 1::2]
+        recorded = (starts != 0) & (ends != 0)
+        stage_seconds = (ends - starts) / 1e9
+        timed = recorded.any(axis=1)
+        first = np.where(recorded, starts, _NO_START).min(axis=1)
+        step_seconds = (np.where(recorded, ends, 0).max(axis=1) - first) / 1e9
+        n = len(raws)
+        reasons: list[str | None] = (
+            self._tracer.decide_many(stage_seconds, recorded, step_seconds, timed)
+            if self._tracer is not None else [None] * n)
+        size = self._max_k + 1
+        begin = 0
+        while begin < n:
+            end = begin
+            while end < n and reasons[end] is None:
+                end += 1
+            if end > begin and self._collector is not None:
+                self._collector._consume_many(
+                    method, stage_seconds[begin:end], recorded[begin:end],
+                    step_seconds[begin:end], timed[begin:end],
+                    np.bincount(np.concatenate(accepted[begin:end]), minlength=size),
+                    np.bincount(ks[begin:end], weights=lengths[begin:end],
+                                minlength=size).astype(np.int64))
+            if end < n:
+                self.consume(record_of(raws[end]), reasons[end])
+            begin = end + 1
 
     def _notify(self, record: StepRecord, stage_seconds: list[float | None],
                 step_seconds: float | None, summary: Any, exemplars: Any,

@@ -251,6 +251,30 @@ class SpecDecodeCollector(Collector):
         finally:
             self._lock.release()
 
+    def _consume_many(self, method: str, stage_seconds: np.ndarray, recorded: np.ndarray,
+                      step_seconds: np.ndarray, timed: np.ndarray,
+                      accepted_hist: np.ndarray, draft_hist: np.ndarray) -> None:
+        """Add consecutive untraced steps of one method at once (the worker's batches):
+        stage and step seconds (N x stages and N, with what was recorded), and the sums of
+        their accepted and draft-length histograms. Every one had draft tokens (no plain
+        step) and no request groups (group "default" with a group label). Waits for the
+        lock: it runs off the engine thread."""
+        with self._lock:
+            if self._deferred:
+                self._apply_deferred()
+            series = self._series.get(method) or self._series_locked(method)
+            for index, histogram in enumerate(series.stages):
+                histogram.observe_many(stage_seconds[recorded[:, index], index])
+            series.step.observe_many(step_seconds[timed])
+            grouped = series.grouped
+            if grouped is None or self._groups is None:
+                series.accepted_hist += accepted_hist
+                series.draft_hist += draft_hist
+            else:
+                rows, accepted, draft = self._groups.rows(AcceptSummary(accepted_hist,
+                                                                        draft_hist))
+                grouped.add(rows, accepted, draft)
+
     def _apply_deferred(self) -> None:
         popleft = self._deferred.popleft
         while True:

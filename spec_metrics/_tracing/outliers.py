@@ -13,12 +13,15 @@ import math
 from bisect import bisect_left
 from itertools import accumulate
 
+import numpy as np
+
 __all__ = ["RunningQuantile"]
 
 _LOW, _HIGH, _GROWTH = 1e-6, 1e3, 1.05
 _EDGES: list[float] = [
     _LOW * _GROWTH**i for i in range(int(math.log(_HIGH / _LOW) / math.log(_GROWTH)) + 2)
 ]
+_EDGES_ARRAY = np.array(_EDGES)
 
 
 class RunningQuantile:
@@ -42,6 +45,36 @@ class RunningQuantile:
         if self._since_refresh >= self.refresh or self._total == self.min_samples:
             self._recompute()
         return value > self.threshold
+
+    def observe_many(self, values: np.ndarray) -> np.ndarray:
+        """`observe` of each value in turn, vectorized between threshold refreshes: the
+        same counts, refreshes and answers (an array of bools)."""
+        n = values.shape[0]
+        out = np.zeros(n, dtype=bool)
+        start = 0
+        while start < n:
+            # Values up to and including the next one that triggers a refresh.
+            until = self.refresh - self._since_refresh
+            if self._total < self.min_samples:
+                until = min(until, self.min_samples - self._total)
+            stop = min(n, start + max(1, until))
+            segment = values[start:stop]
+            bins = np.bincount(np.searchsorted(_EDGES_ARRAY, segment, side="left"),
+                               minlength=len(self._counts))
+            counts = self._counts
+            for index in np.flatnonzero(bins).tolist():
+                for _ in range(int(bins[index])):
+                    counts[index] += 1  # one at a time: the same float sums as observe()
+            self._total += stop - start
+            self._since_refresh += stop - start
+            if self._since_refresh >= self.refresh or self._total == self.min_samples:
+                out[start:stop - 1] = segment[:-1] > self.threshold
+                self._recompute()
+                out[stop - 1] = segment[-1] > self.threshold
+            else:
+                out[start:stop] = segment > self.threshold
+            start = stop
+        return out
 
     def _recompute(self) -> None:
         self._since_refresh = 0

@@ -15,6 +15,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
@@ -129,6 +130,46 @@ class TraceSink:
         self.rate_limited += 1
         self._skipped.add("rate_limited")
         return None
+
+    def decide_many(self, stage_seconds: np.ndarray, recorded: np.ndarray,
+                    step_seconds: np.ndarray, timed: np.ndarray) -> list[str | None]:
+        """`decide` for consecutive steps without sampled request contexts, in order:
+        `stage_seconds` and `recorded` (N x stages), `step_seconds` and `timed` (N; only
+        timed steps are decided, as in the sinks). The same running quantiles, random
+        draws and token bucket as N calls of `decide`."""
+        n = step_seconds.shape[0]
+        slow = np.zeros(n, dtype=bool)
+        outlier = np.zeros(n, dtype=bool)
+        running = self._running
+        for index in range(stage_seconds.shape[1]):
+            mask = recorded[:, index]
+            values = stage_seconds[mask, index]
+            limit = self._slow_stage[index]
+            if limit is not None:
+                slow[mask] |= values > limit
+            if running is not None:
+                outlier[mask] |= running[index].observe_many(values)
+        values = step_seconds[timed]
+        if self._slow_step is not None:
+            slow[timed] |= values > self._slow_step
+        if running is not None:
+            outlier[timed] |= running[-1].observe_many(values)
+        reasons: list[str | None] = [None] * n
+        for i in np.flatnonzero(timed & slow).tolist():
+            reasons[i] = "slow"
+        for i in np.flatnonzero(timed & outlier & ~slow).tolist():
+            reasons[i] = "outlier"
+        if self._ratio:
+            draw, ratio = self._random.random, self._ratio
+            for i in np.flatnonzero(timed & ~slow & ~outlier).tolist():
+                if draw() < ratio:
+                    reasons[i] = "ratio"
+        for i, reason in enumerate(reasons):
+            if reason is not None and not self._take_token(reason in _PRIORITY_REASONS):
+                self.rate_limited += 1
+                self._skipped.add("rate_limited")
+                reasons[i] = None
+        return reasons
 
     def _take_token(self, priority: bool) -> bool:
         """Token bucket over traced steps: at most max_traced_steps_per_second, bursts of
