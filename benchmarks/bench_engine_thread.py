@@ -15,7 +15,8 @@ blocks so that the VM's drift hits them alike:
   np.bincount of the batch: what any instrumentation of this shape pays on the engine thread;
 - worker: the default configuration (metrics + tracing with SpanExportProcessor and a no-op
   exporter, consumer="worker");
-- inline: the same with consumer="inline" (the cost before issue 16).
+- worker-metrics: the same without tracing (what span building adds is the difference);
+- inline: the default with consumer="inline" (the cost before issue 16).
 
 Reported per mode and batch: the hooks' time on the engine thread per step (median, mean),
 the engine thread's CPU and the process CPU (all threads: the worker, the span export
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_hooks import machine_info  # noqa: E402
 
-MODES = ("off", "floor", "worker", "inline")
+MODES = ("off", "floor", "worker", "worker-metrics", "inline")
 K = 4
 
 
@@ -82,7 +83,8 @@ def make_hooks(mode: str, batch: int) -> Any:
     provider = TracerProvider()
     provider.add_span_processor(SpanExportProcessor(Null()))
     return SpecDecodeHooks("eagle", registry=CollectorRegistry(), tracer_provider=provider,
-                           max_draft_tokens=K, consumer=mode)
+                           max_draft_tokens=K, consumer="inline" if mode == "inline" else
+                           "worker", tracing=mode != "worker-metrics")
 
 
 class Block:
@@ -212,7 +214,7 @@ def run(batches: Sequence[int], steps: int, rounds: int, wait_us: float,
             drops = {k: v for k, v in block.hooks.collector.drops.counts.items() if v}
             out["cells"][str(block.batch)][block.mode]["drops"] = drops
     fit = {}
-    for mode in ("floor", "worker", "inline"):
+    for mode in MODES[1:]:
         xs = [float(b) for b in batches]
         for stat in ("hook_median_us", "total_cpu_us"):
             ys = [out["cells"][str(b)][mode][stat] for b in batches]

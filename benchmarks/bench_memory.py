@@ -165,6 +165,8 @@ def run(steps: int, every: int, warmup: int, export_timeout: float,
         "export_failed": exporter.failed, "spans_sent_to_exporter": exporter.spans,
         "export_seconds": exporter.seconds,
         "spans_dropped_queue_full": processor.counts["dropped_queue_full"],
+        # Steps the hooks dropped (pending_overflow: the worker did not keep up), if any.
+        "steps_dropped": {k: v for k, v in hooks.collector.drops.counts.items() if v},
         "start": samples[0], "end": samples[-1], "after_shutdown": after_shutdown,
         "samples": samples,
     }
@@ -201,7 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Spans ended {r['spans_ended']:,}; handed to the exporter {r['spans_sent_to_exporter']:,} "
         f"in {r['export_calls']} export calls, {r['export_failed']} failed "
         f"({r['export_seconds']:.1f} s inside export); dropped at the full queue "
-        f"{r['spans_dropped_queue_full']:,}.",
+        f"{r['spans_dropped_queue_full']:,}; input or steps dropped by the hooks: "
+        f"{r['steps_dropped'] or 'none'}.",
         "",
         f"Target: RSS flat after warm-up, every sample < {TARGET_DELTA_MB:g} MB above the "
         f"warm-up sample: **{verdict}**",

@@ -111,11 +111,11 @@ class PendingSteps:
 
     def overflow(self) -> None:
         """The handed-over queue is full: its consumer does not keep up (an engine thread
-        that never releases the GIL starves the worker). Backpressure: consume the queue
-        here, waiting at most OVERFLOW_WAIT_S for the chunk another consumer is at; if that
-        does not free the lock, drop the oldest step."""
-        if self.drain(timeout=OVERFLOW_WAIT_S):
-            return
+        that never releases the GIL starves the worker). Backpressure: consume a chunk of
+        it here, waiting at most OVERFLOW_WAIT_S for the chunk another consumer is at; if
+        that does not free the lock, drop the oldest step."""
+        if self.drain(timeout=OVERFLOW_WAIT_S, limit=CHUNK):
+            return  # one chunk: each later end_step() over the limit takes the next one
         try:
             oldest = self.handed.popleft()
         except IndexError:

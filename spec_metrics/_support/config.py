@@ -89,7 +89,7 @@ class HooksConfig:
     # the engine thread). Strict mode is always inline, so its errors come from the hooks.
     consumer: str = "worker"
     # Finished steps handed to the worker and not yet consumed; beyond this end_step()
-    # consumes the queue on the engine thread (waiting at most 10 ms for another consumer's
+    # consumes 128 of them on the engine thread (waiting at most 10 ms for another consumer's
     # chunk, else dropping the oldest: pending_overflow).
     max_queued_steps: int = 4096
     # With consumer="inline": finished steps are handed to the sinks this many at a time, in
