@@ -96,11 +96,14 @@ class StepSinks:
         accepted = [raw[3][0] for raw in raws]
         ks = [raw[3][1] for raw in raws]
         lengths = [a.shape[0] for a in accepted]
-        good = (min(ks) >= 1 and max(ks) <= self._max_k and min(lengths) > 0
+        k_low, k_high = min(ks), max(ks)
+        good = (k_low >= 1 and k_high <= self._max_k and min(lengths) > 0
                 and all(a.dtype == np.int64 and a.ndim == 1 for a in accepted))
         if good:
             joined = np.concatenate(accepted)
-            good = not (joined.min() < 0 or (joined > np.repeat(ks, lengths)).any())
+            good = not (joined.min() < 0 or (
+                joined.max() > k_low if k_low == k_high  # one K for the run: one max
+                else (joined > np.repeat(ks, lengths)).any()))
         if not good:
             for raw in raws:
                 self.consume(record_of(raw))  # the checks name the step and the value
