@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from spec_metrics.demo.corpus import load_corpus
 from spec_metrics.demo.models import GPT, GPTConfig
-from spec_metrics.demo.training import default_cache_dir
+from spec_metrics.demo.training import cached_model, default_cache_dir
 
 __all__ = ["DRAFT_CONFIG", "DistillConfig", "distill", "load_or_distill", "target_text"]
 
@@ -138,20 +137,5 @@ def load_or_distill(target: GPT, cfg: GPTConfig = DRAFT_CONFIG,
                  torch.__version__.split(".")[0]))
     key = hashlib.sha256(blob.encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache_dir()) / f"drafter-{key}.pt"
-    if use_cache and path.exists():
-        try:
-            model = GPT(cfg)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval().requires_grad_(False).to(target.device)
-        except Exception as exc:  # corrupt/partial file: retrain and overwrite
-            log.warning("ignoring unreadable drafter cache %s: %s", path, exc)
-    model = distill(target, cfg, dcfg, verbose=verbose)
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)  # atomic: concurrent runs never see half a file
-        except OSError as exc:
-            log.warning("could not write drafter cache %s: %s", path, exc)
-    return model.to(target.device)
+    return cached_model(path, cfg, lambda: distill(target, cfg, dcfg, verbose=verbose),
+                        use_cache, "drafter").to(target.device)

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +101,22 @@ def load_or_train(cfg: Optional[GPTConfig] = None, tcfg: Optional[TrainConfig] =
     cfg, tcfg = cfg or GPTConfig(), tcfg or TrainConfig()
     corpus = load_corpus()
     path = Path(cache_dir or default_cache_dir()) / f"target-{_cache_key(cfg, tcfg, corpus)}.pt"
+    return cached_model(path, cfg, lambda: train_lm(cfg, tcfg, corpus, verbose=verbose),
+                        use_cache, "model")
+
+
+def cached_model(path: Path, cfg: GPTConfig, build: Callable[[], GPT], use_cache: bool,
+                 what: str) -> GPT:
+    """The model saved at `path`, else `build()` (saved there when `use_cache`); on the
+    CPU, for inference only."""
     if use_cache and path.exists():
         try:
             model = GPT(cfg)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval().requires_grad_(False)
         except Exception as exc:  # corrupt/partial file: retrain and overwrite
-            log.warning("ignoring unreadable model cache %s: %s", path, exc)
-    model = train_lm(cfg, tcfg, corpus, verbose=verbose)
+            log.warning("ignoring unreadable %s cache %s: %s", what, path, exc)
+    model = build()
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,5 +124,5 @@ def load_or_train(cfg: Optional[GPTConfig] = None, tcfg: Optional[TrainConfig] =
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, path)  # atomic: concurrent runs never see half a file
         except OSError as exc:
-            log.warning("could not write model cache %s: %s", path, exc)
+            log.warning("could not write %s cache %s: %s", what, path, exc)
     return model.requires_grad_(False)  # inference only from here on
