@@ -124,8 +124,8 @@ def build_large_engine(device: str, hooks: Any, config: Any, d_model: int, layer
 def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: int,
               attribution_steps: int = 300, large: dict[str, Any] | None = None,
               batch_steps: int = 1, cuda_graphs: bool = False,
-              max_new: tuple[int, int] = (32, 64), interleave: str = "run"
-              ) -> dict[str, Any]:
+              max_new: tuple[int, int] = (32, 64), interleave: str = "run",
+              timer: str | None = None) -> dict[str, Any]:
     import torch
 
     from spec_metrics.demo.factory import build_engine
@@ -138,7 +138,7 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
     sinks: dict[str, SpanSink | None] = {}
     hooks_of: dict[str, Any] = {}
     for mode in MODE_NAMES:
-        hooks, sink = make_hooks(mode, batch, k, device, batch_steps)
+        hooks, sink = make_hooks(mode, batch, k, device, batch_steps, timer)
         torch.manual_seed(0)
         config = EngineConfig(batch_size=batch, k=k, arrival_rate=None, clock="virtual",
                               max_new_tokens=max_new, cuda_graphs=cuda_graphs)
@@ -257,7 +257,8 @@ def run_bench(device: str, batch: int, k: int, steps: int, rounds: int, warmup: 
         rows.append(row)
     c = engines["off"].counters
     return {"device": device, "batch": batch, "k": k, "steps_per_round": steps,
-            "batch_steps": batch_steps, "cuda_graphs": cuda_graphs, "max_new_tokens": max_new,
+            "batch_steps": batch_steps, "cuda_graphs": cuda_graphs,
+            "timer": timer or ("cuda" if device == "cuda" else "cpu"), "max_new_tokens": max_new,
             "interleave": interleave, "steps_with_different_work": diverged,
             "target": ({"untrained": True, **large} if large else
                        {"untrained": False, "model": "demo default (trained, cached)"}),
@@ -272,6 +273,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Reference engine on {result['device']}, batch {result['batch']}, K {result['k']}, "
         f"target {_target_text(result.get('target'))}, "
         f"hooks batch_steps {result.get('batch_steps', 1)}, "
+        f"timer {result.get('timer', 'cuda' if result['device'] == 'cuda' else 'cpu')}, "
         f"{'CUDA graphs' if result.get('cuda_graphs') else 'eager'} decode, "
         f"modes interleaved by {result.get('interleave', 'run')}, "
         f"max_new_tokens {tuple(result.get('max_new_tokens', (32, 64)))}; "
@@ -366,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interleave", default="run", choices=("run", "step"),
                         help="run: each mode runs --steps steps in turn; step: the modes "
                         "alternate every step, each step timed between device syncs")
+    parser.add_argument("--timer", choices=("cpu", "cuda"),
+                        help="the hooks' stage timer (default: cuda on cuda, else cpu)")
     parser.add_argument("--json", help="write the results and machine info here")
     args = parser.parse_args(argv)
     large = (dict(d_model=args.d_model, layers=args.layers, heads=args.heads, sigma=args.sigma,
@@ -375,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     result = run_bench(args.device, args.batch, args.k, args.steps, args.rounds, args.warmup,
                        args.attribution_steps, large, args.batch_steps, args.cuda_graphs,
-                       tuple(args.max_new), args.interleave)
+                       tuple(args.max_new), args.interleave, args.timer)
     report(result, markdown(result), "bench_e2e.py", argv, started, load_before, args.json)
     return 0
 

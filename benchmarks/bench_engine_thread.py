@@ -6,9 +6,9 @@
 An engine step here is a "device wait" that releases the GIL, as a serving engine's thread
 does while it waits on the device (`time.sleep(--wait-us)`: a blocking wait that costs no
 CPU, so the CPU figures are the instrumentation's; `--wait spin` burns the CPU instead, in
-C code without the GIL, as a spinning synchronize or torch's CPU kernels would), then the 7 hook calls of a step
-(draft_start ... end_step, batch `--batch`, K 4), timed back to back. Modes, interleaved in
-blocks so that the VM's drift hits them alike:
+C code without the GIL, as a spinning synchronize or torch's CPU kernels would), then the 7
+hook calls of a step (draft_start ... end_step, batch `--batch`, K 4), timed back to back.
+Modes, interleaved in blocks so that the VM's drift hits them alike:
 
 - off: the wait only (the reference for step time and CPU);
 - floor: 7 perf_counter_ns + one np.searchsorted of a duration in the stage buckets + one

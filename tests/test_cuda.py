@@ -129,8 +129,10 @@ def test_pending_overflow_drops_the_oldest(registry):
     torch.cuda._sleep(SLEEP_CYCLES * 10)  # ~1 s: nothing after it completes meanwhile
     for _ in range(5):
         _step(hooks, lambda: ones, 4)
-    assert hooks.collector.drops.counts["pending_overflow"] == 3
+    # Whoever consumes first (the worker, or flush() here) finds all five waiting for the
+    # sleeping device: the three oldest are dropped.
     hooks.flush()
+    assert hooks.collector.drops.counts["pending_overflow"] == 3
     families = scrape(registry)
     assert sample_value(families, "spec_decode_accepted_tokens",
                         "spec_decode_accepted_tokens_total") == 2 * 3
@@ -235,3 +237,127 @@ def _step_with(hooks, accepted, drafts, groups, busy_cycles=0):
         torch.cuda._sleep(busy_cycles)
     hooks.verify_end(accepted, drafts, groups)
     hooks.end_step()
+
+
+# ---- the worker's path: CUDA counts copied into device rows, read back in blocks ----------
+
+def _ring(hooks):
+    rings = list(hooks._rings._rings.values())
+    assert len(rings) == 1
+    return rings[0]
+
+
+def _expected_totals(rows, k):
+    """Accepted tokens, draft tokens and per-position accepted counts of host rows."""
+    accepted = sum(int(sum(a)) for a, _ in rows)
+    drafted = sum(int(sum(d)) if not isinstance(d, int) else d * len(a) for a, d in rows)
+    positions = [sum(int((torch.as_tensor(a) > p).sum()) for a, _ in rows) for p in range(k)]
+    return accepted, drafted, positions
+
+
+@pytest.mark.worker
+def test_ring_counts_are_exact_across_wraparound_and_reuse(registry):
+    """More steps than the ring has rows, with per-request drafts: every step's counts and
+    drafts go through a ring row, the engine overwrites its tensors right after verify_end
+    (its stream orders that after our copy), and the totals are exact. Like an engine, the
+    test synchronizes once a step and polls now and then (so the ring never fills)."""
+    from spec_metrics._core.device_ring import ROWS
+
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(8)
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    accepted = torch.zeros(8, dtype=torch.int32, device="cuda")
+    drafts = torch.zeros(8, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    steps = ROWS // 2 + 100
+    for step in range(steps):
+        d = torch.randint(0, 5, (8,), generator=generator)
+        a = (torch.rand(8, generator=generator) * (d + 1)).floor().to(torch.int64)
+        rows.append((a.tolist(), d.tolist()))
+        hooks.begin_step()
+        hooks.draft_start()
+        hooks.draft_end()
+        hooks.verify_start()
+        torch.cuda._sleep(SLEEP_CYCLES // 2000)  # some device work before the counts
+        accepted.copy_(a, non_blocking=True)
+        drafts.copy_(d, non_blocking=True)
+        hooks.verify_end(accepted, drafts)
+        accepted.fill_(7)  # reused at once: our copy is ahead of it on this stream
+        drafts.fill_(0)
+        hooks.draft_extend_start()
+        hooks.draft_extend_end()
+        hooks.end_step()
+        torch.cuda.synchronize()
+        if step % 32 == 31:
+            hooks.poll()
+    hooks.flush()
+    ring = _ring(hooks)
+    assert ring.written == 2 * steps > ROWS  # both tensors of every step, wrapped around
+    families = scrape(registry)
+    total_accepted, total_drafted, positions = _expected_totals(rows, 4)
+    assert sample_value(families, "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == total_accepted
+    assert sample_value(families, "spec_decode_draft_tokens",
+                        "spec_decode_draft_tokens_total") == total_drafted
+    for position, value in enumerate(positions):
+        assert sample_value(families, "spec_decode_accepted_tokens_per_position",
+                            "spec_decode_accepted_tokens_per_position_total",
+                            position=str(position)) == value
+    assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
+
+
+@pytest.mark.worker
+def test_ring_full_wide_batches_and_float_counts_take_the_per_step_copy(registry):
+    """No consumer for a while (its lock held): the first steps fill the ring, the rest are
+    copied one by one; a batch wider than the rows and float counts are too. Exact."""
+    from spec_metrics._core.device_ring import ROWS, RingSlot
+
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(4)
+    accepted = torch.tensor([1, 2, 3, 4], device="cuda")
+    wide = torch.ones(5, dtype=torch.int64, device="cuda")  # the rows hold 4 (warm-up)
+    floats = torch.tensor([1.0, 2.0], device="cuda")
+    torch.cuda.synchronize()
+    kinds = []
+    with hooks._pending._lock:  # the worker (and every other consumer) waits
+        for _ in range(ROWS + 40):
+            _step(hooks, lambda: accepted, 4)
+            kinds.append(type(hooks._handed[-1][3][0]))
+        _step(hooks, lambda: wide, 4)
+        kinds.append(type(hooks._handed[-1][3][0]))
+    assert kinds[:ROWS] == [RingSlot] * ROWS
+    assert RingSlot not in kinds[ROWS:]
+    _step(hooks, lambda: floats, 4)  # the ring has room again only once consumed
+    hooks.flush()
+    assert _ring(hooks).written == ROWS
+    families = scrape(registry)
+    assert sample_value(families, "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == (ROWS + 40) * 10 + 5 + 3
+    assert sum(s.value for s in families["spec_metrics_dropped"].samples) == 0
+
+
+@pytest.mark.worker
+def test_ring_path_never_synchronizes_and_reports_bad_values(registry):
+    """The worker reads ring rows without synchronizing; a bad value in a row is rejected
+    when read, like the per-step path."""
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracing=False,
+                                         max_draft_tokens=4)
+    hooks.warm_up_device(4)
+    good = torch.tensor([1, 2], device="cuda")
+    bad = torch.tensor([1, 9], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(20):
+            counts = bad if i == 7 else good
+            _step(hooks, lambda: counts, 4, busy_cycles=SLEEP_CYCLES // 100)  # noqa: B023
+        hooks.poll()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    hooks.flush()
+    assert hooks.collector.drops.counts["accepted_exceeds_drafted"] == 1
+    assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == 19 * 3

@@ -389,8 +389,9 @@ def device_counts(monkeypatch):
     tensor; everything else goes through the real to_counts."""
     real = hooks_module.to_counts
 
-    def to_counts(value, what, batch_size, pool=None):
-        return value if isinstance(value, LandsLater) else real(value, what, batch_size, pool)
+    def to_counts(value, what, batch_size, pool=None, rings=None):
+        return (value if isinstance(value, LandsLater)
+                else real(value, what, batch_size, pool, rings))
 
     monkeypatch.setattr(hooks_module, "to_counts", to_counts)
 

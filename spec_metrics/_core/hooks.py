@@ -26,6 +26,7 @@ from opentelemetry import trace
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from spec_metrics._core.cuda_timing import CudaEventTimer
+from spec_metrics._core.device_ring import DeviceRings
 from spec_metrics._core.groups import to_groups
 from spec_metrics._core.inputs import DeviceArray, PinnedPool, summarize, to_counts, to_draft_tokens
 from spec_metrics._core.pending import PendingSteps, Raw
@@ -58,8 +59,8 @@ class SpecDecodeHooks:
     # Slots, not a __dict__: with this many attributes a dict-backed instance makes every
     # method lookup take CPython's slow path (a disabled hook then costs 1.5x a bare call).
     __slots__ = ("config", "collector", "_on", "_strict", "_method", "_max_k", "_group_label",
-                 "_rank", "_registered_in", "_drops", "_tracer", "_gpu", "_pinned", "_sinks",
-                 "_steps", "_inline", "_pending", "_handed", "_queue_limit", "_wake_at",
+                 "_rank", "_registered_in", "_drops", "_tracer", "_gpu", "_pinned", "_rings",
+                 "_sinks", "_steps", "_inline", "_pending", "_handed", "_queue_limit", "_wake_at",
                  "_quick", "_defer_summary", "_times", "_open", "_last", "_rd", "_rv", "_re",
                  "_counts", "_begin", "_step_method", "_gpu_marks", "_release", "_handoff",
                  "_scopes", "_step_scope", "__weakref__")
@@ -132,6 +133,9 @@ class SpecDecodeHooks:
         self._steps = 0
         # Strict mode checks and aggregates at the hook, so that its errors are raised there.
         self._inline = config.consumer == "inline" or config.strict
+        # With the worker, CUDA counts are copied on the engine's stream into device rows
+        # that the consumer reads back in blocks (device_ring.py); inline, one by one.
+        self._rings = DeviceRings() if self._on and not self._inline else None
         self._pending = PendingSteps(self._sinks.consume, config.max_pending_steps,
                                      self._reject, config.batch_steps if self._inline else 1,
                                      config.max_queued_steps, self._method,
@@ -389,14 +393,18 @@ class SpecDecodeHooks:
         """Allocate the pinned host buffers that CUDA counts are copied into, now.
 
         The first pinned allocation can stall until the device is idle; do it at start-up
-        rather than in the first verify_end. `buffers` per dtype (int32 and int64) covers
-        that many steps in flight before more are allocated. With timer="cuda" this also
-        creates the CUDA events ahead.
+        rather than in the first verify_end. With the worker thread (the default) this makes
+        the device rows that counts of up to `max_batch_size` requests are copied into
+        (device_ring.py; wider batches take the per-step path); `buffers` per dtype (int32
+        and int64) covers that many steps in flight on the per-step path before more are
+        allocated. With timer="cuda" this also creates the CUDA events ahead.
         """
         import torch
 
         self._pinned.reserve(max_batch_size, (torch.int64, torch.int32), buffers)
         self._pinned.prepare_device(torch.cuda.current_device(), 2 * buffers)
+        if self._rings is not None:
+            self._rings.reserve(torch.cuda.current_device(), max_batch_size)
         if self._gpu is not None:
             self._gpu.reserve(2 * len(STAGES) * buffers)
 
@@ -453,6 +461,8 @@ class SpecDecodeHooks:
         if self._on and not self._inline:
             WORKER.attach(self._pending)  # a new thread in this process
         self._pinned._reset_after_fork()
+        if self._rings is not None:
+            self._rings._reset_after_fork()
         if self._gpu is not None:
             self._gpu._reset_after_fork()
         if self._tracer is not None:
@@ -548,10 +558,11 @@ class SpecDecodeHooks:
                     f"groups={reprlib.repr(groups)} given, but these hooks have no group label "
                     "to record them under: pass group_label=\"group\" (the label name you "
                     "want) to SpecDecodeHooks, or leave groups out")
-            counts = to_counts(accepted, "accepted", batch_size, self._pinned)
+            counts = to_counts(accepted, "accepted", batch_size, self._pinned, self._rings)
             drafts = None
             try:
-                drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned)
+                drafts = to_draft_tokens(draft_tokens, _length(counts), self._pinned,
+                                         self._rings)
                 request_groups = (to_groups(groups, _length(counts)) if groups is not None
                                   else None)
             except BaseException:

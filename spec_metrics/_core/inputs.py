@@ -193,8 +193,9 @@ class DeviceArray:
 
 
 def to_counts(value: Any, what: str, batch_size: int | None,
-              pool: PinnedPool | None = None) -> "np.ndarray | DeviceArray":
-    """A 1-D int64 array of non-negative counts, or a DeviceArray still on its way.
+              pool: PinnedPool | None = None, rings: Any = None) -> "np.ndarray | DeviceArray":
+    """A 1-D int64 array of non-negative counts, or a DeviceArray still on its way (a row of
+    `rings`, a device_ring.DeviceRings, when it has room, else a copy of its own).
 
     Raises InputRejected with a reason from the catalog when the input cannot be used.
     Values are checked here for host data, and in `DeviceArray.result()` for device data.
@@ -215,6 +216,10 @@ def to_counts(value: Any, what: str, batch_size: int | None,
                                                "pass integer counts")
         if device != "cpu":
             # Values (NaN, range) are checked when the copy is read, in DeviceArray.result().
+            if rings is not None:
+                slot = rings.put(value, what)
+                if slot is not None:
+                    return slot  # type: ignore[no-any-return]
             return DeviceArray(value, what, pool if pool is not None else PinnedPool())
         # Integer tensors cannot require grad; detach() only where it matters.
         array = value.detach().numpy() if value.dtype.is_floating_point else value.numpy()
@@ -354,8 +359,8 @@ def _first(array: np.ndarray, bad: np.ndarray, what: str) -> str:
     return f"{what}[{index}]={array[index].item()!r} ({_short(array)})"
 
 
-def to_draft_tokens(value: Any, batch_size: int | None,
-                    pool: PinnedPool | None = None) -> "int | np.ndarray | DeviceArray":
+def to_draft_tokens(value: Any, batch_size: int | None, pool: PinnedPool | None = None,
+                    rings: Any = None) -> "int | np.ndarray | DeviceArray":
     """draft_tokens is a scalar K for the whole batch, or one count per request."""
     if isinstance(value, (bool, np.bool_)):
         raise InputRejected("wrong_type", f"draft_tokens must be an int, got {value!r}")
@@ -364,7 +369,7 @@ def to_draft_tokens(value: Any, batch_size: int | None,
     if isinstance(value, float) or (_is_torch_tensor(value) and value.ndim == 0):
         raise InputRejected("wrong_type", f"draft_tokens must be an int or per-request counts, "
                                            f"got {_short(value)}")
-    return to_counts(value, "draft_tokens", batch_size, pool)
+    return to_counts(value, "draft_tokens", batch_size, pool, rings)
 
 
 def _short(value: Any, limit: int = 80) -> str:
