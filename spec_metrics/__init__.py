@@ -3,11 +3,14 @@
 One set of stage hooks (draft, verify, draft_extend) feeds Prometheus histograms and
 counters, OpenTelemetry spans of the steps, and exemplars that link the two.
 
-The public API is this module (the hook API, serving /metrics, span export), the metric
-catalog (`spec_metrics.catalog`), the per-rank helpers (`spec_metrics.multiprocess`), the
-engine integrations (`spec_metrics.integrations.*`) and the `spec-metrics` CLI. Everything in
-an underscored subpackage is internal; ARCHITECTURE.md maps it.
+The public API is this module (the hook API, serving /metrics, span export, pushing the
+metrics over OTLP), the metric catalog (`spec_metrics.catalog`), the per-rank helpers
+(`spec_metrics.multiprocess`), the engine integrations (`spec_metrics.integrations.*`) and the
+`spec-metrics` CLI. Everything in an underscored subpackage is internal; ARCHITECTURE.md maps
+it.
 """
+
+from typing import TYPE_CHECKING
 
 from spec_metrics._core.hooks import SpecDecodeHooks
 from spec_metrics._core.sinks import StepResult
@@ -23,6 +26,9 @@ from spec_metrics.http.server import (
     make_wsgi_app,
     start_http_server,
 )
+
+if TYPE_CHECKING:  # loaded on first access (module __getattr__): it imports the OTel SDK
+    from spec_metrics._prometheus.otlp_push import start_otlp_metrics_exporter
 
 __all__ = [
     # the hook API
@@ -40,14 +46,21 @@ __all__ = [
     "BasicAuth",
     # span export
     "SpanExportProcessor",
+    # pushing the metrics over OTLP
+    "start_otlp_metrics_exporter",
     "__version__",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # The span processor imports the OpenTelemetry SDK: loaded on first use only.
+    # The span processor and the OTLP metrics push import the OpenTelemetry SDK: loaded on
+    # first use only.
     if name == "SpanExportProcessor":
         from spec_metrics._tracing.processor import SpanExportProcessor
 
         return SpanExportProcessor
+    if name == "start_otlp_metrics_exporter":
+        from spec_metrics._prometheus.otlp_push import start_otlp_metrics_exporter
+
+        return start_otlp_metrics_exporter
     raise AttributeError(f"module 'spec_metrics' has no attribute {name!r}")

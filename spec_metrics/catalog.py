@@ -38,6 +38,10 @@ __all__ = [
     "VLLM_COMPAT_METRICS",
     "SPAN_EXPORT_METRICS",
     "SPAN_DROP_REASONS",
+    "OTLP_METRIC_EXPORTS",
+    "OTLP_METRIC_EXPORTS_FAILED",
+    "OTLP_METRIC_EXPORT_METRICS",
+    "OTLP_EXPORT_FAILURE_REASONS",
     "OTHER_LABEL_VALUE",
     "DEFAULT_GROUP",
     "GROUPED_METRICS",
@@ -302,6 +306,31 @@ SPANS_DROPPED = MetricSpec("spec_metrics_spans_dropped_total", "counter",
                "registered in the registry.", "", ("reason",),
                const_labels=False)
 SPAN_EXPORT_METRICS: tuple[MetricSpec, ...] = (SPANS_EXPORTED, SPANS_DROPPED)
+
+# The OTLP metrics push (spec_metrics.start_otlp_metrics_exporter), one set per registry like
+# the span metrics: every push of the registry's series to an OTLP collector, and why one
+# did not arrive.
+OTLP_EXPORT_FAILURE_REASONS: dict[str, str] = {
+    "export_failed": "the exporter returned failure: collector down or refusing, an HTTP "
+                     "error, a request too large",
+    "export_timeout": "no answer within the export timeout (OTEL_METRIC_EXPORT_TIMEOUT), or "
+                      "the previous push still hung on the wire then",
+}
+OTLP_METRIC_EXPORTS = MetricSpec(
+    "spec_metrics_otlp_metric_exports_total", "counter",
+    "Pushes of the registry's spec_metrics series over OTLP that the collector accepted "
+    "(spec_metrics.start_otlp_metrics_exporter).", "", (),
+    const_labels=False)
+OTLP_METRIC_EXPORTS_FAILED = MetricSpec(
+    "spec_metrics_otlp_metric_exports_failed_total", "counter",
+    "Pushes of the registry's spec_metrics series over OTLP that did not arrive, by reason: "
+    "export_failed (the exporter returned failure: collector down or refusing, an HTTP "
+    "error), export_timeout (no answer within the export timeout, or the previous push "
+    "still hung then). Cumulative pushes lose nothing but freshness; a failed delta push is "
+    "carried into the next one, a timed-out one is lost.", "", ("reason",),
+    const_labels=False)
+OTLP_METRIC_EXPORT_METRICS: tuple[MetricSpec, ...] = (OTLP_METRIC_EXPORTS,
+                                                      OTLP_METRIC_EXPORTS_FAILED)
 
 # vLLM's own speculative-decoding counters (vllm/v1/spec_decode/metrics.py, SpecDecodingProm),
 # with vLLM's names, help texts and labels, for `spec_metrics.integrations.vllm` when asked to

@@ -1,9 +1,11 @@
 """Test plumbing shared by the span-export tests: free loopback ports, a real OTLP/HTTP
-receiver (oteltap) running on its own event-loop thread, and process clean-up."""
+receiver (oteltap) running on its own event-loop thread, and process clean-up; and a real
+OTLP/HTTP metrics receiver that keeps each push whole (`MetricsReceiver`)."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import socket
 import subprocess
 import threading
@@ -107,3 +109,71 @@ def stop_process(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+class MetricsReceiver:
+    """A real OTLP/HTTP metrics receiver on 127.0.0.1: POST /v1/metrics, protobuf decoded
+    and kept per request (path and headers too). `hang`: read the request, never answer."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.requests: list[Any] = []  # ExportMetricsServiceRequest, one per push
+        self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if hang:
+                    receiver.release.wait(120)
+                    return
+                request = _metrics_request()
+                request.ParseFromString(body)
+                receiver.paths.append(self.path)
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                receiver.requests.append(request)
+                answer = _metrics_response()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, count: int, seconds: float = 30.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while len(self.requests) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _metrics_request() -> Any:
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+
+    return ExportMetricsServiceRequest()
+
+
+def _metrics_response() -> bytes:
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceResponse,
+    )
+
+    return ExportMetricsServiceResponse().SerializeToString()

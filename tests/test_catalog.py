@@ -118,7 +118,8 @@ def test_no_metric_name_is_spelled_outside_the_catalog():
     from pathlib import Path
 
     names: set[str] = set()
-    for spec in (*catalog.METRICS, *catalog.SPAN_EXPORT_METRICS, *catalog.VLLM_COMPAT_METRICS):
+    for spec in (*catalog.METRICS, *catalog.SPAN_EXPORT_METRICS, *catalog.VLLM_COMPAT_METRICS,
+                 *catalog.OTLP_METRIC_EXPORT_METRICS):
         names |= {spec.name, spec.family}
         names |= {spec.family + suffix for suffix in ("_bucket", "_count", "_sum", "_created")}
     package = Path(catalog.__file__).resolve().parent

@@ -22,6 +22,7 @@ from spec_metrics._prometheus.exposition import metrics_response, render
 from spec_metrics._prometheus.textformat import format_count
 
 from .conftest import run_step, sample_value, scrape
+from .test_prometheus3 import PROM3_0_ACCEPT, PROM3_ACCEPT, PROM3_PROTO_FIRST
 from .test_server import PROMETHEUS_ACCEPT
 
 ENCODERS = {"openmetrics": openmetrics.generate_latest, "classic": classic.generate_latest}
@@ -106,6 +107,9 @@ def test_large_counts_and_sums_are_written_like_prometheus_client(make_hooks, re
 
 @pytest.mark.parametrize("accept", [
     PROMETHEUS_ACCEPT,
+    PROM3_ACCEPT,        # Prometheus 3.4+ defaults (tests/test_prometheus3.py)
+    PROM3_0_ACCEPT,      # Prometheus 3.0-3.2
+    PROM3_PROTO_FIRST,   # Prometheus 3 scraping native histograms: protobuf first
     "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8",
     "application/openmetrics-text; version=1.0.0; escaping=dots",     # prometheus_client's
     "application/openmetrics-text; version=2.0.0",                     # prometheus_client's

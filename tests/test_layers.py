@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "_version": set(),
     "_support": {"catalog"},
     "_tracing": {"catalog", "_support", "_version"},
-    "_prometheus": {"catalog", "_support", "_tracing"},
+    "_prometheus": {"catalog", "_support", "_tracing", "_version"},  # _version: OTLP scope
     "_core": {"catalog", "_support", "_tracing", "_prometheus"},
     "http": {"catalog", "_support", "_prometheus"},
     "__init__": {"catalog", "_version", "_support", "_tracing", "_prometheus", "_core", "http"},

@@ -12,7 +12,7 @@ def test_all_is_pinned():
         "SpecDecodeCollector",
         "start_http_server", "MetricsServer", "make_wsgi_app", "make_asgi_app",
         "make_tls_context", "BasicAuth",
-        "SpanExportProcessor", "__version__",
+        "SpanExportProcessor", "start_otlp_metrics_exporter", "__version__",
     ]
     for name in spec_metrics.__all__:
         assert getattr(spec_metrics, name) is not None

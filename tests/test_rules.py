@@ -13,6 +13,7 @@ import yaml
 
 from spec_metrics import catalog
 from spec_metrics.ops import rules
+from spec_metrics.ops.dashboards import DASHBOARD_UID
 from spec_metrics.ops.rules import ALERTS, RuleParams, build_rules, render_rules, write_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,10 +96,16 @@ def test_every_alert_has_for_severity_annotations_and_runbook_anchor():
         assert "{{ $value" in annotations["description"] or name == "SpecDecodeMetricsAbsent"
         assert "{{ $labels.method }}" in annotations["description"], name
         url = annotations["runbook_url"]
-        assert url == f"docs/runbook.md#{name.lower()}", name
+        assert url == f"{rules.DOCS_BASE_URL}/runbook.md#{name.lower()}", name
+        assert url.startswith("https://"), name  # a link Alertmanager, chat and pagers open
         anchor = url.split("#", 1)[1]
         assert f'<a id="{anchor}"></a>' in runbook, name
         assert f"### {name}\n" in runbook, name
+        dashboard = annotations["dashboard_url"]
+        assert dashboard.startswith(f"{rules.GRAFANA_URL}/d/{DASHBOARD_UID}?"), name
+        for label in ("method", "model", "engine"):
+            assert f"var-{label}={{{{ $labels.{label} | urlquery }}}}" in dashboard, name
+        assert ("var-group=" in dashboard) == (name == "SpecDecodeAcceptanceDropped"), name
 
 
 def test_ratio_alerts_carry_the_traffic_guard():
@@ -219,6 +226,10 @@ def test_shortened_rules_pass_promtool_check(tmp_path):
     {"quantiles": (0.5, 0.9)},
     {"max_draft_tokens": 1},
     {"decay_for": "soon"},
+    {"runbook_url": "docs/runbook.md"},  # relative: no pager or chat link can open it
+    {"runbook_url": "runbooks.example.org/spec"},
+    {"grafana_url": "grafana:3000"},
+    {"severities": {"SpecDecodeAcceptanceRateLo": "critical"}},  # not an alert
 ])
 def test_bad_parameters_are_rejected(kwargs):
     with pytest.raises(ValueError):
@@ -238,3 +249,59 @@ def test_cli_regenerates_the_committed_rules(tmp_path):
         check=True, capture_output=True)
     assert shorter.returncode == 0
     assert "[10s]" in (tmp_path / "short" / "spec_metrics.rules.yml").read_text()
+
+
+def test_urls_and_severities_are_parameters(tmp_path):
+    params = RuleParams(runbook_url="https://runbooks.example.org/spec-decode",
+                        grafana_url="https://grafana.example.org/",
+                        severities={"SpecDecodeAcceptanceRateLow": "critical"})
+    alerts = {r["alert"]: r for r in _rules(build_rules(params)) if "alert" in r}
+    low = alerts["SpecDecodeAcceptanceRateLow"]
+    assert low["labels"]["severity"] == "critical"
+    assert {a["labels"]["severity"] for n, a in alerts.items() if n != low["alert"]} == {
+        "warning"}
+    assert low["annotations"]["runbook_url"] == (
+        "https://runbooks.example.org/spec-decode#specdecodeacceptanceratelow")
+    assert low["annotations"]["dashboard_url"].startswith(
+        f"https://grafana.example.org/d/{DASHBOARD_UID}?var-method=")
+    # No Grafana: no dashboard link, the rest unchanged.
+    bare = build_rules(RuleParams(grafana_url=""))
+    assert not [r for r in _rules(bare) if "dashboard_url" in r.get("annotations", {})]
+    path = write_rules(tmp_path, params)[0]
+    result = _run("check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docs_base_url_is_the_projects_repository():
+    """The runbook links point into the repository pyproject names (one place: rules.py)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    urls = project.get("urls")
+    if not urls:
+        pytest.skip("pyproject.toml has no [project.urls]")
+    homepage = urls.get("Homepage") or urls.get("Repository") or urls.get("Source")
+    assert homepage and rules.DOCS_BASE_URL.startswith(homepage.rstrip("/") + "/"), (
+        homepage, rules.DOCS_BASE_URL)
+    assert (ROOT / "docs" / "runbook.md").is_file()  # what RUNBOOK_URL names, published
+
+
+def test_cli_sets_urls_and_severities(tmp_path):
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "spec_metrics", "rules", "--out", str(tmp_path),
+         "--set", "runbook_url=https://runbooks.example.org/sd", "--set", "grafana_url=",
+         "--set", "severities=SpecDecodeMetricsAbsent:critical,SpecDecodeNotPayingOff:info"],
+        check=True, capture_output=True)
+    doc = yaml.safe_load((tmp_path / rules.RULES_FILE).read_text())
+    alerts = {r["alert"]: r for r in _rules(doc) if "alert" in r}
+    assert alerts["SpecDecodeMetricsAbsent"]["labels"]["severity"] == "critical"
+    assert alerts["SpecDecodeNotPayingOff"]["labels"]["severity"] == "info"
+    assert alerts["SpecDecodeAcceptanceRateLow"]["labels"]["severity"] == "warning"
+    assert alerts["SpecDecodeAcceptanceRateLow"]["annotations"] == {
+        "summary": "Speculative decoding acceptance rate is low",
+        "description": alerts["SpecDecodeAcceptanceRateLow"]["annotations"]["description"],
+        "runbook_url": "https://runbooks.example.org/sd#specdecodeacceptanceratelow"}
+    bad = subprocess.run([sys.executable, "-m", "spec_metrics", "rules", "--out", str(tmp_path),
+                          "--set", "runbook_url=docs/runbook.md"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "absolute" in bad.stderr

@@ -112,6 +112,9 @@ class SpecDecodeCollector(Collector):
     ) -> None:
         self.const_labels = dict(labels or {})
         check_group_label(group_label, max_groups, self.const_labels)
+        # Wall clock when the counts started from zero: the start time of cumulative OTLP
+        # points (_prometheus/otlp_data.py).
+        self.created_ns = time.time_ns()
         self.max_draft_tokens = max_draft_tokens
         self.max_methods = max_methods
         self.folded = 0  # steps recorded under method="other" (cardinality cap)
@@ -153,6 +156,7 @@ class SpecDecodeCollector(Collector):
         """In a forked child: start from zero, with a new lock (a scrape thread of the
         parent may have held the old one; it does not exist here). Stays registered."""
         self._lock = threading.Lock()
+        self.created_ns = time.time_ns()
         self._series = {}
         self._drafters = {}
         self.folded = 0

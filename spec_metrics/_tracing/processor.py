@@ -32,19 +32,15 @@ from collections import Counter, deque
 from typing import Any, Iterator, Mapping
 
 from opentelemetry.context import (
-    _SUPPRESS_INSTRUMENTATION_KEY,
     Context,
-    attach,
-    detach,
-    set_value,
 )
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
+from spec_metrics._support.export_caller import ExportCaller
 from spec_metrics._support.forking import reset_after_fork
-from spec_metrics._support.log import logger
 from spec_metrics._tracing.span_fate import ExportTicket, current
 from spec_metrics.catalog import SPAN_DROP_REASONS, SPAN_EXPORT_METRICS
 
@@ -103,7 +99,10 @@ class SpanExportProcessor(SpanProcessor):
         self._flush_requested = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._caller = _ExportCaller(self._exporter)
+        exporter = self._exporter
+        self._caller: ExportCaller[list[ReadableSpan], SpanExportResult] = ExportCaller(
+            lambda spans, _timeout: exporter.export(spans), SpanExportResult.FAILURE,
+            "spec-metrics-span-export", lambda spans: f"{len(spans)} spans lost")
 
     # ---- SpanProcessor -----------------------------------------------------------------
 
@@ -269,69 +268,13 @@ class SpanExportProcessor(SpanProcessor):
         self._fresh_state()
 
 
-class _ExportCaller:
-    """Calls the exporter on its own thread, so that the dispatcher can give up on an
-    export after the export timeout (the SDK's exporters take no deadline)."""
-
-    def __init__(self, exporter: SpanExporter) -> None:
-        self._exporter = exporter
-        self._request: list[ReadableSpan] | None = None
-        self._result: SpanExportResult | None = None
-        self._ready = threading.Event()
-        self._done = threading.Event()
-        self._done.set()  # idle
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def call(self, spans: list[ReadableSpan], timeout: float) -> SpanExportResult | None:
-        """The export's result, or None if it did not return within `timeout` seconds."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="spec-metrics-span-export",
-                                            daemon=True)
-            self._thread.start()
-        self._done.clear()
-        self._request, self._result = spans, None
-        self._ready.set()
-        if not self._done.wait(timeout):
-            return None
-        return self._result
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self._done.wait(timeout)
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._ready.set()
-
-    def _run(self) -> None:
-        while True:
-            self._ready.wait()
-            self._ready.clear()
-            if self._stopped:
-                return
-            spans, self._request = self._request, None
-            # Like the SDK's processors: spans the exporter's own instrumented client would
-            # make are suppressed, else every export would export a span of itself.
-            token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-            try:
-                result = self._exporter.export(spans or [])
-            except Exception:  # an exporter bug must not kill the thread
-                logger.exception("spec_metrics: span exporter raised; %d spans lost",
-                                 len(spans or []))
-                result = SpanExportResult.FAILURE
-            finally:
-                detach(token)
-            spans = None  # the batch is the exporter's no more: do not keep it alive here
-            self._result = result
-            self._done.set()
-
-
 class _RegistryTotals(Collector):
     """spec_metrics_spans_* of one registry: the sums over every processor that counts
     into it, kept here so that a processor that goes away takes nothing back."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.created_ns = time.time_ns()  # start time of the OTLP metrics push's points
         self.exported = 0
         self.dropped = dict.fromkeys(SPAN_DROP_REASONS, 0)
         reset_after_fork(self)
@@ -365,6 +308,7 @@ class _RegistryTotals(Collector):
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
+        self.created_ns = time.time_ns()
         self.exported = 0
         self.dropped = dict.fromkeys(SPAN_DROP_REASONS, 0)
 

@@ -2,8 +2,8 @@
 
 Runs the torch reference speculative decoder with continuous batching for `--duration`
 seconds, serves /metrics the whole time, writes spans where asked, can make the drafter
-collapse or the verify stage spike on a schedule, and prints a summary at the end (and on
-Ctrl-C).
+collapse (and recover) or the verify stage spike on a schedule, and prints a summary at the
+end (and on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -88,8 +88,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write spans as OTLP JSON lines to PATH")
     parser.add_argument("--otlp-endpoint", metavar="URL",
                         help="send spans over OTLP/HTTP, e.g. http://127.0.0.1:4318")
+    parser.add_argument("--otlp-metrics", nargs="?", const="", metavar="URL",
+                        help="also push the metrics /metrics shows (exemplars included) over "
+                        "OTLP/HTTP: to URL (a base like http://127.0.0.1:4318 or the full "
+                        ".../v1/metrics), else to --otlp-endpoint, else where "
+                        "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT says (docs/otlp-metrics.md)")
+    parser.add_argument("--otlp-metrics-interval", type=float, metavar="SECONDS",
+                        help="push interval (default: OTEL_METRIC_EXPORT_INTERVAL, else 60); "
+                        "a last push follows the run")
     parser.add_argument("--collapse-at", type=float, metavar="SECONDS",
                         help="from then on the drafter no longer matches the target")
+    parser.add_argument("--recover-at", type=float, metavar="SECONDS",
+                        help="then restore the drafter --collapse-at broke: acceptance "
+                        "recovers and the low-acceptance alerts resolve")
     parser.add_argument("--spike-every", type=float, metavar="SECONDS",
                         help="inject a slow verify stage this often")
     parser.add_argument("--spike-ms", type=float, default=DEFAULT_SPIKE_MS,
@@ -138,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
                                basic_auth=args.basic_auth_file)
     say = _printer(args.quiet)
     say(f"serving {server.url} (OpenMetrics with exemplars when asked); device {device}")
+    pusher = _otlp_metrics(args)
+    if pusher is not None:
+        say(f"pushing the metrics to {pusher.endpoint} every {pusher.interval_s:g} s")
     config = EngineConfig(batch_size=args.batch_size, k=args.draft_tokens,
                           temperature=args.temperature, arrival_rate=args.arrival_rate,
                           seed=args.seed, dynamic_k=args.dynamic_k,
@@ -173,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - started
         hooks.flush()
         provider.shutdown()  # every span is in the traces file before we exit
+        if pusher is not None:
+            pusher.shutdown()  # a last push, with the exemplars of the spans just exported
         server.close()
     measured = baseline.speedups() if baseline is not None else None
     print(summary.render(engine.counters, elapsed, args.draft_tokens,
@@ -185,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
           started: float, stop: "_StopFlag", baseline: Any) -> None:
     live = sys.stderr.isatty() and not args.quiet
-    collapsed = slowed = swapped = shifted = False
+    collapsed = recovered = slowed = swapped = shifted = False
     next_spike = args.spike_every
     next_status = 0.5
     while stop.signal is None:
@@ -197,13 +213,20 @@ def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
             collapsed = True
             if not args.quiet:
                 sys.stderr.write(f"\n[{elapsed:.1f}s] drafter collapsed\n")
+        if (args.recover_at is not None and collapsed and not recovered
+                and elapsed >= args.recover_at):
+            engine.restore()
+            recovered = True
+            if not args.quiet:
+                sys.stderr.write(f"\n[{elapsed:.1f}s] drafter recovered\n")
         if (args.draft_slowdown_at is not None and not slowed
                 and elapsed >= args.draft_slowdown_at):
             engine.set_draft_slowdown(args.draft_slowdown)
             slowed = True
-            _phase(summary, baseline, f"from {elapsed:.1f} s: draft {args.draft_slowdown:g}x slower")
+            slower = f"{args.draft_slowdown:g}x slower"
+            _phase(summary, baseline, f"from {elapsed:.1f} s: draft {slower}")
             if not args.quiet:
-                sys.stderr.write(f"\n[{elapsed:.1f}s] draft stage {args.draft_slowdown:g}x slower\n")
+                sys.stderr.write(f"\n[{elapsed:.1f}s] draft stage {slower}\n")
         if args.drafter_swap_at is not None and not swapped and elapsed >= args.drafter_swap_at:
             engine.weaken_drafter(SWAP_WEAKNESS)
             hooks.declare_drafter("tiny-gpt", _drafter_name(args.method, swapped=True),
@@ -235,6 +258,22 @@ def _loop(engine: Any, hooks: Any, args: argparse.Namespace, summary: Any,
             next_status = elapsed + 0.5
     if live:
         sys.stderr.write("\n")
+
+
+def _otlp_metrics(args: argparse.Namespace) -> Any:
+    """The OTLP metrics push of --otlp-metrics (None without it)."""
+    if args.otlp_metrics is None:
+        return None
+    import os
+
+    from opentelemetry.sdk.resources import Resource
+
+    from spec_metrics import start_otlp_metrics_exporter
+
+    named = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "spec-metrics-demo"}
+    return start_otlp_metrics_exporter(endpoint=args.otlp_metrics or args.otlp_endpoint or None,
+                                       interval_s=args.otlp_metrics_interval,
+                                       resource=Resource.create(named))
 
 
 def _mix(hex_share: float) -> tuple[tuple[str, float], ...]:
@@ -274,8 +313,13 @@ def _check(args: argparse.Namespace) -> None:
         problems.append("--plain-every must be 0 (never) or >= 2")
     if args.draft_slowdown < 1:
         problems.append("--draft-slowdown must be >= 1")
+    if args.recover_at is not None and (args.collapse_at is None
+                                        or args.recover_at <= args.collapse_at):
+        problems.append("--recover-at needs a --collapse-at before it")
     if args.arrival_rate <= 0:
         problems.append("--arrival-rate must be > 0")
+    if args.otlp_metrics_interval is not None and args.otlp_metrics_interval <= 0:
+        problems.append("--otlp-metrics-interval must be > 0")
     if problems:
         raise SystemExit("spec-metrics demo: " + "; ".join(problems))
 

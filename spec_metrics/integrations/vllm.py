@@ -20,12 +20,14 @@ subclasses its `StatLoggerBase` (needed for the `vllm.stat_logger_plugins` entry
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
@@ -180,14 +182,30 @@ class VllmCompatCollector(Collector):
         with self._lock:
             rows = [(engine, row[0], row[1], row[2], row[3].tolist(), row[4])
                     for engine, row in self._engines.items()]
+        # `created` gives the _created series prometheus_client's own Counter shows, and
+        # like it none once turned off (PROMETHEUS_DISABLE_CREATED_SERIES=True at import,
+        # or disable_created_metrics()).
+        with_created = _created_series_enabled()
         for engine, drafts, tokens, accepted, per_pos, created in rows:
-            # `created` gives the _created series prometheus_client's own Counter shows.
+            if not with_created:
+                created = None
             labels = [self.model_name, engine]
             for family, value in zip(families, (drafts, tokens, accepted)):
                 family.add_metric(labels, float(value), created=created)
             for position, value in enumerate(per_pos):
                 families[3].add_metric([*labels, str(position)], float(value), created=created)
         yield from families
+
+
+def _created_series_enabled() -> bool:
+    """Whether prometheus_client's own metrics write `_created` series now. Its switch has
+    setters (`disable_created_metrics`, `enable_created_metrics`) but no getter: read the
+    module flag they set, else the environment variable it is initialised from."""
+    flag = getattr(prometheus_metrics, "_use_created", None)
+    if isinstance(flag, bool):
+        return flag
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+        "true", "1", "t")
 
 
 def _row(num_spec_tokens: int) -> list[Any]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from spec_metrics.ops.rules import RuleParams
 
 __all__ = ["main"]
 
@@ -40,18 +43,19 @@ def _dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules(args: argparse.Namespace) -> int:
+def _rule_params(items: Sequence[str] | None, command: str = "rules") -> RuleParams:
+    """RuleParams with the `--set NAME=VALUE` overrides of `spec-metrics <command>`."""
     import dataclasses
 
-    from spec_metrics.ops.rules import RuleParams, write_rules
+    from spec_metrics.ops.rules import RuleParams
 
     fields = {f.name: f for f in dataclasses.fields(RuleParams)}
     overrides: dict = {}
-    for item in args.set or ():
+    for item in items or ():
         name, _, raw = item.partition("=")
         if name not in fields or not _:
-            raise SystemExit(f"spec-metrics rules: --set {item!r}: expected NAME=VALUE with NAME "
-                             f"one of {', '.join(fields)}")
+            raise SystemExit(f"spec-metrics {command}: --set {item!r}: expected NAME=VALUE with "
+                             f"NAME one of {', '.join(fields)}")
         default = getattr(RuleParams(), name)
         if isinstance(default, tuple):
             overrides[name] = tuple(type(default[0])(v) for v in raw.split(",") if v)
@@ -62,10 +66,42 @@ def _rules(args: argparse.Namespace) -> int:
         else:
             overrides[name] = raw
     try:
-        params = RuleParams(**overrides)
+        return RuleParams(**overrides)
     except ValueError as exc:
-        raise SystemExit(f"spec-metrics rules: {exc}") from exc
+        raise SystemExit(f"spec-metrics {command}: {exc}") from exc
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from spec_metrics.ops.rules import write_rules
+
+    params = _rule_params(args.set)
     for path in write_rules(args.out, params):
+        print(path)
+    return 0
+
+
+def _k8s(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from spec_metrics.ops.kubernetes import KubernetesParams, write_manifests
+
+    rules = _rule_params(args.set, "k8s")
+    kwargs: dict = {"namespace": args.namespace, "release": args.release or None,
+                    "path": args.path, "name": args.name}
+    if args.selector:
+        pairs = [item.partition("=") for item in args.selector]
+        if not all(key and eq for key, eq, _ in pairs):
+            raise SystemExit("spec-metrics k8s: --selector takes KEY=VALUE")
+        kwargs["selector"] = {key: value for key, _, value in pairs}
+    if args.port_name:
+        kwargs["port_names"] = tuple(args.port_name)
+    try:
+        if args.interval:
+            rules = dataclasses.replace(rules, scrape_interval=args.interval)
+        params = KubernetesParams(rules=rules, **kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"spec-metrics k8s: {exc}") from exc
+    for path in write_manifests(args.out, params):
         print(path)
     return 0
 
@@ -129,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="override a parameter, e.g. --set rate_window=2m (repeat)")
     rules.set_defaults(run=_rules)
+    k8s = commands.add_parser(
+        "k8s", help="write the Kubernetes manifests (PrometheusRule, PodMonitor, "
+        "ServiceMonitor, dashboard ConfigMap)",
+        description="Write prometheus-operator manifests and the Grafana sidecar ConfigMap, "
+        "from the same generators as `rules` and `dashboards`. See docs/kubernetes.md.")
+    k8s.add_argument("--out", default="deploy/kubernetes",
+                     help="directory (default: deploy/kubernetes)")
+    k8s.add_argument("--namespace", help="metadata.namespace (default: none, kubectl's -n)")
+    k8s.add_argument("--selector", action="append", metavar="KEY=VALUE",
+                     help="a label of the engine's pods / Service (repeat; default: "
+                     "app.kubernetes.io/name=inference-engine)")
+    k8s.add_argument("--port-name", action="append", metavar="NAME",
+                     help="a named port serving /metrics (repeat, e.g. one per rank; "
+                     "default: metrics)")
+    k8s.add_argument("--path", default="/metrics", help="default: /metrics")
+    k8s.add_argument("--interval", help="scrape interval (the rules' scrape_interval, 15s)")
+    k8s.add_argument("--release", default="kube-prometheus-stack",
+                     help="`release` label kube-prometheus-stack selects by, its helm release "
+                     "name; '' for none (default: kube-prometheus-stack)")
+    k8s.add_argument("--name", default="spec-metrics", help="object name (default: spec-metrics)")
+    k8s.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="a rule parameter, as for `spec-metrics rules` (repeat)")
+    k8s.set_defaults(run=_k8s)
     snapshot = commands.add_parser(
         "snapshot", help="render every dashboard panel from a Prometheus to PNG + index.html",
         description="Run every dashboard panel's queries over a time range against a "

@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spec_metrics import catalog
 from spec_metrics.catalog import DEFAULT_MAX_DRAFT_TOKENS, STAGES
+from spec_metrics.ops.dashboards import DASHBOARD_UID
 
 try:
     import yaml
@@ -23,9 +25,17 @@ except ImportError as exc:  # an ops tool: pyyaml comes with the extra
     raise ImportError("spec_metrics.ops.rules writes YAML: pip install 'spec_metrics[ops]' "
                       "(pyyaml)") from exc
 
-__all__ = ["RuleParams", "ALERTS", "build_rules", "render_rules", "write_rules", "RULES_FILE"]
+__all__ = ["RuleParams", "ALERTS", "build_rules", "render_rules", "write_rules", "RULES_FILE",
+           "DOCS_BASE_URL", "RUNBOOK_URL", "GRAFANA_URL"]
 
 RULES_FILE = "spec_metrics.rules.yml"
+# Where the project's docs are published (the repository's docs/ folder on GitHub, the same
+# repository as pyproject's [project.urls]); every alert's runbook_url defaults to a section
+# of RUNBOOK_URL. Alertmanager, Slack and PagerDuty open only absolute URLs.
+DOCS_BASE_URL = "https://github.com/spec-metrics/spec_metrics/blob/main/docs"
+RUNBOOK_URL = f"{DOCS_BASE_URL}/runbook.md"
+# Grafana's own default address; set `grafana_url` to yours (the dashboard_url annotation).
+GRAFANA_URL = "http://localhost:3000"
 ALERTS = (
     "SpecDecodeAcceptanceRateLow",
     "SpecDecodeMeanAcceptedLengthLow",
@@ -93,8 +103,12 @@ class RuleParams:
     speedup_min: float = 1.0
     payoff_for: str = "15m"
     severity: str = "warning"
-    runbook_url: str = "docs/runbook.md"  # base URL; the alert name, lowercased, is the anchor
+    runbook_url: str = RUNBOOK_URL  # absolute; the alert name, lowercased, is the anchor
     extra_labels: dict[str, str] = field(default_factory=dict)  # added to every alert
+    # Grafana's base URL: the dashboard_url annotation opens the generated dashboard there,
+    # its variables set from the alert's labels; "" leaves the annotation out.
+    grafana_url: str = GRAFANA_URL
+    severities: dict[str, str] = field(default_factory=dict)  # alert name -> its severity
 
     def __post_init__(self) -> None:
         if _seconds(self.rate_window) < 4 * _seconds(self.scrape_interval):
@@ -125,6 +139,21 @@ class RuleParams:
                 raise ValueError(f"{name} must be in (0, 1]")
         if not all(0 < q < 1 for q in self.quantiles) or 0.99 not in self.quantiles:
             raise ValueError("quantiles must lie in (0, 1) and include 0.99 (verify alert)")
+        if not _is_absolute(self.runbook_url):
+            raise ValueError(f"runbook_url {self.runbook_url!r} must be an absolute http(s) URL: "
+                             "Alertmanager, chat and pager links cannot open a relative path")
+        if self.grafana_url and not _is_absolute(self.grafana_url):
+            raise ValueError(f"grafana_url {self.grafana_url!r} must be an absolute http(s) URL "
+                             "(or empty: no dashboard_url annotation)")
+        unknown = set(self.severities) - set(ALERTS)
+        if unknown:
+            raise ValueError(f"severities names unknown alerts {sorted(unknown)}; "
+                             f"alerts: {', '.join(ALERTS)}")
+
+
+def _is_absolute(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _num(value: float) -> str:
@@ -250,18 +279,30 @@ def _who(p: RuleParams) -> str:
     return "{{ $labels.method }}" + (f" ({consts})" if consts else "")
 
 
+def _dashboard_url(p: RuleParams, name: str) -> str:
+    """The generated dashboard in Grafana, its variables set to the alert's labels."""
+    variables = ["method", *p.const_labels]
+    if name == "SpecDecodeAcceptanceDropped":
+        variables.append(p.group_label)
+    query = "&".join(f"var-{v}={{{{ $labels.{v} | urlquery }}}}" for v in variables)
+    return f"{p.grafana_url.rstrip('/')}/d/{DASHBOARD_UID}?{query}"
+
+
 def _alert(p: RuleParams, name: str, expr: str, for_: str, summary: str,
            description: str) -> dict[str, Any]:
+    annotations = {
+        "summary": summary,
+        "description": description,
+        "runbook_url": f"{p.runbook_url}#{name.lower()}",
+    }
+    if p.grafana_url:
+        annotations["dashboard_url"] = _dashboard_url(p, name)
     return {
         "alert": name,
         "expr": expr,
         "for": for_,
-        "labels": {"severity": p.severity, **p.extra_labels},
-        "annotations": {
-            "summary": summary,
-            "description": description,
-            "runbook_url": f"{p.runbook_url}#{name.lower()}",
-        },
+        "labels": {"severity": p.severities.get(name, p.severity), **p.extra_labels},
+        "annotations": annotations,
     }
 
 

@@ -174,13 +174,21 @@ def test_demo_rejects_bad_flags():
     assert "--duration must be > 0" in result.stderr and "--sample-ratio" in result.stderr
 
 
+def test_demo_recover_needs_an_earlier_collapse():
+    for flags in (["--recover-at", "5"], ["--collapse-at", "5", "--recover-at", "5"]):
+        result = subprocess.run([sys.executable, "-m", "spec_metrics", "demo", *flags],
+                                capture_output=True, text=True)
+        assert result.returncode != 0
+        assert "--recover-at needs a --collapse-at before it" in result.stderr
+
+
 def test_demo_help_lists_every_flag():
     result = subprocess.run([sys.executable, "-m", "spec_metrics", "demo", "--help"],
                             capture_output=True, text=True, check=True)
     for option in ["--duration", "--host", "--port", "--method", "--batch-size",
                    "--draft-tokens", "--device", "--temperature", "--seed", "--sample-ratio",
-                   "--traces-file", "--otlp-endpoint", "--collapse-at", "--spike-every",
-                   "--dynamic-k"]:
+                   "--traces-file", "--otlp-endpoint", "--collapse-at", "--recover-at",
+                   "--spike-every", "--dynamic-k"]:
         assert option in result.stdout
 
 

@@ -111,9 +111,10 @@ def test_workload_mix_is_drawn_by_share(target) -> None:
 
 
 def test_draft_slowdown_slows_the_draft_stage_only(target) -> None:
-    from spec_metrics._core.sinks import StepResult  # noqa: F401  (the listener's type)
-    import spec_metrics
     from prometheus_client import CollectorRegistry
+
+    import spec_metrics
+    from spec_metrics._core.sinks import StepResult  # noqa: F401  (the listener's type)
 
     results: list = []
     hooks = spec_metrics.SpecDecodeHooks("draft_model", registry=CollectorRegistry(),

@@ -28,10 +28,16 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import alertmanager as _alerting
+
 INSTALL_HINT = (
     "prometheus not found on PATH: the end-to-end tests run a real Prometheus "
     "(Debian/Ubuntu: apt-get install -y --no-install-recommends prometheus)"
 )
+
+
+# A real Alertmanager (factory) and a webhook receiver: tests/alertmanager.py.
+alertmanager, webhook = _alerting.alertmanager, _alerting.webhook
 
 
 def free_port() -> int:
@@ -115,8 +121,9 @@ class PrometheusServer:
 
 def _prometheus_config(targets: Sequence[str], rule_files: Sequence[Path], scrape_interval: str,
                        evaluation_interval: str,
-                       scrape_configs: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
+                       scrape_configs: Sequence[dict[str, Any]] | None = None,
+                       alertmanagers: Sequence[str] = ()) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                    "evaluation_interval": evaluation_interval},
         "rule_files": [str(p) for p in rule_files],
@@ -124,13 +131,18 @@ def _prometheus_config(targets: Sequence[str], rule_files: Sequence[Path], scrap
             {"job_name": "spec_metrics", "metrics_path": "/metrics",
              "static_configs": [{"targets": list(targets)}]}],
     }
+    if alertmanagers:
+        config["alerting"] = {"alertmanagers": [
+            {"api_version": "v2", "static_configs": [{"targets": list(alertmanagers)}]}]}
+    return config
 
 
 @pytest.fixture
 def prometheus(tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[Callable[..., PrometheusServer]]:
     """Factory: start a real Prometheus scraping `targets` ("127.0.0.1:PORT") with rules, or
-    running the given `scrape_configs` jobs instead."""
+    running the given `scrape_configs` jobs instead; `alertmanagers` ("127.0.0.1:PORT") get
+    its alerts."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip(INSTALL_HINT)
@@ -139,12 +151,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory
     def start(targets: Sequence[str], rule_files: Sequence[Path] = (),
               scrape_interval: str = "1s", evaluation_interval: str = "1s",
               ready_timeout: float = 60.0,
-              scrape_configs: Sequence[dict[str, Any]] | None = None) -> PrometheusServer:
+              scrape_configs: Sequence[dict[str, Any]] | None = None,
+              alertmanagers: Sequence[str] = ()) -> PrometheusServer:
         root = tmp_path_factory.mktemp("prometheus")
         config_path = root / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(_prometheus_config(
-            targets, rule_files, scrape_interval, evaluation_interval, scrape_configs),
-            sort_keys=False))
+            targets, rule_files, scrape_interval, evaluation_interval, scrape_configs,
+            alertmanagers), sort_keys=False))
         data_dir = root / "data"
         port = free_port()
         process = subprocess.Popen(

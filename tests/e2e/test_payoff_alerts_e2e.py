@@ -72,7 +72,8 @@ def _run(prometheus: Any, demo: Any, tmp_path: Any, event_flag: str, event_line:
     seen: dict[str, list[tuple[float | None, str, dict[str, str]]]] = {a: [] for a in watch}
     samples: dict[str, list[tuple[float | None, dict[str, float]]]] = {
         "group_acceptance": [], "acceptance": [], "speedup": [], "speedup_measured": []}
-    queries = {"group_acceptance": _record("_group_model_engine:spec_decode_acceptance:ratio_rate5s"),
+    group_rule = "_group_model_engine:spec_decode_acceptance:ratio_rate5s"
+    queries = {"group_acceptance": _record(group_rule),
                "acceptance": _record("method_model_engine:spec_decode_acceptance:"),
                "speedup": _record(":spec_decode_speedup:"),
                "speedup_measured": _record(":spec_decode_speedup_measured:")}
