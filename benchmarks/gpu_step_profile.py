@@ -76,7 +76,7 @@ def profile_mode(mode: str, args: argparse.Namespace, trace_dir: str | None) -> 
         "device_busy_us_median": statistics.median(busy) if busy else None,
         "device_ops_per_step": {name: {"count": len(v) / n, "us_per_step": sum(v) / n}
                                 for name, v in sorted(device_ops.items(),
-                                                      key=lambda kv: -sum(kv[1]))[:25]},
+                                                      key=lambda kv: -sum(kv[1]))},
     }
 
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['step_cpu_us_median']:.0f} us, device span {r['device_span_us_median']:.0f} "
               f"us, device busy {r['device_busy_us_median']:.0f} us (medians over "
               f"{r['steps']} steps)")
-        for name, v in r["device_ops_per_step"].items():
+        for name, v in list(r["device_ops_per_step"].items())[:25]:
             print(f"  {v['count']:6.1f} x {v['us_per_step']:9.1f} us  {name[:90]}")
     if args.json:
         with open(args.json, "w") as f:
