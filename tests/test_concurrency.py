@@ -31,6 +31,11 @@ K = 4
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 MAX_STEPS = 400_000  # per hook thread: the loop ends even if the scrapers never finish
 JOIN_TIMEOUT = 120.0
+# Each hook thread pauses after BEFORE_FIRST_SCRAPE steps until the first scrape has been read,
+# and honours `stop` only after MIN_STEPS: the first scrape sees at most the first part, the
+# final one all of it, however slowly the machine schedules the scrapers.
+BEFORE_FIRST_SCRAPE = 100
+MIN_STEPS = 300
 
 
 def workload(i: int) -> tuple[list, int]:
@@ -69,15 +74,19 @@ def expected_totals(threads: list[tuple[str, int]]) -> dict:
 
 class HookThread(threading.Thread):
     def __init__(self, hooks: spec_metrics.SpecDecodeHooks, stop: threading.Event,
-                 scopes: bool, errors: list) -> None:
+                 first_scrape: threading.Event, scopes: bool, errors: list) -> None:
         super().__init__(daemon=True)
         self.hooks, self.stop, self.scopes, self.errors = hooks, stop, scopes, errors
+        self.first_scrape = first_scrape
         self.steps = 0
 
     def run(self) -> None:
         hooks = self.hooks
         try:
-            while self.steps < MAX_STEPS and not self.stop.is_set():
+            while self.steps < MAX_STEPS and not (self.stop.is_set()
+                                                  and self.steps >= MIN_STEPS):
+                if self.steps == BEFORE_FIRST_SCRAPE and not self.first_scrape.wait(JOIN_TIMEOUT):
+                    raise AssertionError("the first scrape never came")
                 accepted, k = workload(self.steps)
                 if self.scopes:
                     with hooks.step(batch_size=len(accepted)):
@@ -171,8 +180,9 @@ def run_concurrently(methods: list[str], scrapers: int, scrapes_each: int,
     hooks = [first] + [spec_metrics.SpecDecodeHooks(m, collector=first.collector, **options)
                        for m in methods[1:]]
     stop = threading.Event()
+    first_scrape = threading.Event()
     errors: list = []
-    threads = [HookThread(h, stop, scopes=index % 2 == 1, errors=errors)
+    threads = [HookThread(h, stop, first_scrape, scopes=index % 2 == 1, errors=errors)
                for index, h in enumerate(hooks)]
     # The per-connection deadline (10 s by default) is not what this test checks
     # (test_server_security does): with 3 hook threads at full rate on a loaded 2-core
@@ -189,8 +199,12 @@ def run_concurrently(methods: list[str], scrapers: int, scrapes_each: int,
                 check_scrape(result["samples"], previous, set(methods))
                 previous = result["samples"]
                 results[index].append(result)
+                if index == 0:
+                    first_scrape.set()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
+        finally:
+            first_scrape.set()  # a failed scraper must not leave the hook threads waiting
 
     scraper_threads = [threading.Thread(target=scraper, args=(i,), daemon=True)
                        for i in range(scrapers)]
@@ -210,9 +224,16 @@ def run_concurrently(methods: list[str], scrapers: int, scrapes_each: int,
         stop.set()
         server.close()
         provider.shutdown()
-    # The hooks ran during the scrapes: the scrapes saw the totals grow.
-    first_seen = results[0][0]["samples"]
-    assert final[0]["samples"] != first_seen
+    # The hooks ran during the scrapes: the first scrape saw at most the steps before the pause,
+    # the final ones every step, and every thread went on after the first scrape.
+    assert all(t.steps >= MIN_STEPS for t in threads)
+
+    def steps_seen(samples: dict) -> float:
+        return sum(v for (n, _), v in samples.items()
+                   if n == "spec_decode_step_duration_seconds_count")
+
+    assert steps_seen(results[0][0]["samples"]) <= BEFORE_FIRST_SCRAPE * len(threads)
+    assert steps_seen(final[0]["samples"]) == sum(t.steps for t in threads)
     assert final[0]["samples"].keys() == final[1]["samples"].keys()
     want = expected_totals([(t.hooks.config.method, t.steps) for t in threads])
     for result in final:
