@@ -361,3 +361,57 @@ def test_ring_path_never_synchronizes_and_reports_bad_values(registry):
     assert hooks.collector.drops.counts["accepted_exceeds_drafted"] == 1
     assert sample_value(scrape(registry), "spec_decode_accepted_tokens",
                         "spec_decode_accepted_tokens_total") == 19 * 3
+
+
+@pytest.mark.worker
+def test_landed_ring_rows_are_consumed_as_one_batch(registry, provider, exporter):
+    """Steps whose counts sit in landed ring rows (one K, request ids from begin_step) go
+    to the sinks as batches, like host counts: the totals are exact, traced steps keep
+    their request ids, and a batch with a bad row falls back to one step at a time."""
+    hooks = spec_metrics.SpecDecodeHooks("eagle", registry=registry, tracer_provider=provider,
+                                         trace_ratio=0.25, max_draft_tokens=4)
+    hooks.warm_up_device(3)
+    pending = hooks._pending
+    batches: list[int] = []
+    consume_batch = pending.consume_batch
+    assert consume_batch is not None
+
+    def counting(method, raws, record_of):
+        batches.append(len(raws))
+        consume_batch(method, raws, record_of)
+
+    pending.consume_batch = counting
+    rows = [torch.tensor([i % 5, (i + 1) % 5, (i + 3) % 5], device="cuda") for i in range(5)]
+    bad = torch.tensor([1, 2, 6], device="cuda")  # 6 > K: rejected when read
+    torch.cuda.synchronize()
+    steps, accepted = 400, 0
+    for i in range(steps):
+        counts = bad if i == 150 else rows[i % 5]
+        if i != 150:
+            accepted += sum(rows[i % 5].tolist())
+        hooks.begin_step(request_ids=[f"r{i}-{j}" for j in range(3)])
+        hooks.draft_start()
+        hooks.draft_end()
+        hooks.verify_start()
+        hooks.verify_end(counts, 4)
+        hooks.draft_extend_start()
+        hooks.draft_extend_end()
+        hooks.end_step()
+        if i % 50 == 49:
+            torch.cuda.synchronize()  # the rows land; the next poll reads them in one block
+            hooks.poll()
+    hooks.flush()
+    assert sum(batches) > steps // 2 and max(batches) > 1  # most steps came in batches
+    families = scrape(registry)
+    assert sample_value(families, "spec_decode_accepted_tokens",
+                        "spec_decode_accepted_tokens_total") == accepted
+    assert sample_value(families, "spec_decode_drafts",
+                        "spec_decode_drafts_total") == 3 * (steps - 1)
+    assert sample_value(families, "spec_decode_step_duration_seconds",
+                        "spec_decode_step_duration_seconds_count") == steps
+    assert hooks.collector.drops.counts["accepted_exceeds_drafted"] == 1
+    step_spans = [s for s in exporter.get_finished_spans() if s.name == "spec_decode.step"]
+    assert step_spans
+    for span in step_spans:
+        ids = span.attributes["spec_decode.request_ids"]
+        assert len(ids) == 3 and ids[0].startswith("r") and ids[0].endswith("-0")

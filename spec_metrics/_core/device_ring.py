@@ -68,6 +68,7 @@ class DeviceRing:
         self._done = [False] * ROWS  # read or dropped, not yet counted in _freed
         self._blocks: deque[tuple[int, Any]] = deque()  # (end row seq, event), in order
         self._events: list[Any] = []  # completed events, reused
+        self._landed = 0  # rows before this one are known to be on the host (consumer)
 
     # ---- engine thread -------------------------------------------------------------------
 
@@ -120,19 +121,28 @@ class DeviceRing:
         self._blocks.append((end, copied))
         self._issued = end
 
-    def _block_event(self, seq: int) -> Any:
+    def _block(self, seq: int) -> tuple[int, Any]:
         if seq >= self._issued:
             self._issue()
-        for end, event in self._blocks:
-            if seq < end:
-                return event
+        for block in self._blocks:
+            if seq < block[0]:
+                return block
         raise AssertionError(f"row {seq} was never copied")  # unreachable: _issue covers it
 
     def ready(self, seq: int) -> bool:
-        return bool(self._block_event(seq).query())
+        # One query per block, not per row: the rows of a block land together.
+        if seq < self._landed:
+            return True
+        end, event = self._block(seq)
+        if not event.query():
+            return False
+        self._landed = end
+        return True
 
     def wait(self, seq: int) -> None:
-        self._block_event(seq).synchronize()
+        end, event = self._block(seq)
+        event.synchronize()
+        self._landed = max(self._landed, end)
 
     def read(self, seq: int, length: int) -> np.ndarray:
         array = np.array(self._host[seq % ROWS, :length])  # a copy: the row is reused
@@ -176,6 +186,11 @@ class RingSlot(DeviceArray):
 
     def result(self) -> np.ndarray:
         return _check_array(self._ring.read(self._seq, self.length), self.what)
+
+    def take(self) -> np.ndarray:
+        """The landed row as it is (int64, unchecked), for a consumer that checks a batch of
+        steps at once; the row is free afterwards."""
+        return self._ring.read(self._seq, self.length)
 
 
 class DeviceRings:

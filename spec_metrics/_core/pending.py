@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from spec_metrics._core.cuda_timing import wait_events
+from spec_metrics._core.device_ring import RingSlot
 from spec_metrics._core.groups import to_groups
 from spec_metrics._core.inputs import DeviceArray, to_counts, to_draft_tokens
 from spec_metrics._core.record import StepRecord
@@ -159,8 +160,12 @@ class PendingSteps:
         done = 0
         while True:
             while waiting and not waiting[0].pending():
-                consume(waiting.popleft())
-                done += 1
+                if self.consume_batch is not None and _from_ring(waiting[0], self._method):
+                    done += self._consume_ring_run(limit - done if limit
+                                                   else len(waiting) + len(handed))
+                else:
+                    consume(waiting.popleft())
+                    done += 1
                 if limit and done >= limit:
                     return done
             if waiting or not handed:
@@ -196,13 +201,68 @@ class PendingSteps:
             record = self._record(raw)
             if record is None:
                 continue
-            if record.pending():
-                waiting.append(record)
+            if record.pending() or (self.consume_batch is not None
+                                    and _from_ring(record, self._method)):
+                waiting.append(record)  # ring rows: consumed in a batch with the next ones
                 continue
             consume(record)
             done += 1
             if limit and done >= limit:
                 return done
+
+    def _consume_ring_run(self, room: int) -> int:
+        """The next consecutive steps, at most `room`, whose counts have landed in a device
+        ring row, consumed as one batch like host counts (the worker's usual case with CUDA
+        counts: one step at a time would cost it tens of µs of GIL per step)."""
+        raws: list = []
+        records: dict[int, StepRecord] = {}
+        while len(raws) < room:
+            record = self._next_landed_ring_step()
+            if record is None:
+                break
+            record.accepted = record.accepted.take()  # the step keeps the host copy
+            times = [0] * (2 * len(record.starts))
+            times[0::2], times[1::2] = record.starts, record.ends
+            raw = (record.index, None, times, (record.accepted, record.draft_tokens, None),
+                   None, None)
+            records[id(raw)] = record
+            raws.append(raw)
+        if not raws:
+            return 0
+        try:
+            # Traced steps, and every step of a batch with bad counts, go through their
+            # record (request ids and traceparents included) one by one.
+            self.consume_batch(self._method, raws, lambda raw: records[id(raw)])  # type: ignore[misc]
+        except StrictModeError:
+            raise
+        except Exception:
+            if self._failed is None:
+                raise
+            self._failed("end_step")
+        return len(raws)
+
+    def _next_landed_ring_step(self) -> StepRecord | None:
+        """The next step in order (waiting first, then handed over), taken off its queue if
+        its counts are in a landed ring row; else None, and the step waits at the head."""
+        waiting, handed = self._waiting, self.handed
+        if waiting:
+            record = waiting[0]
+            if not _from_ring(record, self._method) or record.pending():
+                return None
+            return waiting.popleft()
+        while handed:
+            try:
+                raw = handed.popleft()
+            except IndexError:
+                return None
+            step = self._record(raw)
+            if step is None:
+                continue
+            if _from_ring(step, self._method) and not step.pending():
+                return step
+            waiting.append(step)
+            return None
+        return None
 
     def _admit_behind_waiting(self) -> None:
         """A step waits for the device: later ones queue behind it, in order, bounded."""
@@ -285,6 +345,15 @@ def _simple(raw: Any) -> bool:
     counts = raw[3]
     return (counts is not None and len(counts) == 3 and type(counts[0]) is np.ndarray
             and type(counts[1]) is int and counts[2] is None)
+
+
+def _from_ring(record: StepRecord, method: str) -> bool:
+    """A waiting step that StepSinks.consume_batch takes once its ring row has landed: the
+    accepted counts in a row, one K, no groups, no CUDA events, no sampled request context,
+    the default method."""
+    return (type(record.accepted) is RingSlot and type(record.draft_tokens) is int
+            and record.groups is None and record.summary is None and record.gpu_starts is None
+            and not record.request_sampled and record.method == method)
 
 
 def _discard_device_data(item: "Raw | StepRecord") -> None:
