@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from spec_metrics._tracing.outliers import RunningQuantile
 from spec_metrics._tracing.traceparent import any_sampled, parse_traceparent
 
@@ -53,3 +55,24 @@ def test_running_quantile_follows_a_shift():
         estimate.observe(0.030)  # the workload got slower for good
     assert not estimate.observe(0.030)
     assert 0.030 <= estimate.threshold < 0.0316
+
+
+def test_running_quantile_in_batches_equals_one_by_one():
+    """The worker feeds runs of steps at once: the same answers, thresholds and counts as
+    one value at a time, across min_samples and refresh boundaries and a shift."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.lognormal(-5, 0.3, 1500), rng.lognormal(-3, 0.5, 1500)])
+    values[rng.integers(0, values.size, 12)] = 0.5  # spikes
+    single = RunningQuantile(0.99, min_samples=200, refresh=256)
+    batched = RunningQuantile(0.99, min_samples=200, refresh=256)
+    start, thresholds = 0, set()
+    while start < values.size:
+        stop = min(values.size, start + int(rng.integers(1, 300)))
+        one = [single.observe(float(v)) for v in values[start:stop]]
+        assert batched.observe_many(values[start:stop]).tolist() == one
+        assert batched.threshold == single.threshold
+        thresholds.add(single.threshold)
+        start = stop
+    assert np.array_equal(batched._history, single._history)
+    assert batched._fresh == single._fresh
+    assert len(thresholds) > 3 and math.inf in thresholds  # it waited, then moved

@@ -176,13 +176,13 @@ class PendingSteps:
                 batch: list = []
                 odd = None
                 room = limit - done if limit else len(handed)
-                while handed and len(batch) < room and _simple(handed[0]):
+                while handed and len(batch) < room:
                     try:
                         raw = handed.popleft()
                     except IndexError:
-                        break
-                    if not _simple(raw):  # overflow() took the one looked at
-                        odd = raw
+                        break  # overflow() took the last one
+                    if not _simple(raw):
+                        odd = raw  # consumed below, after the batch, in order
                         break
                     batch.append(raw)
                 if batch:

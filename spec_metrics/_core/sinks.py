@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -97,6 +98,7 @@ class StepSinks:
         ks = [raw[3][1] for raw in raws]
         lengths = [a.shape[0] for a in accepted]
         k_low, k_high = min(ks), max(ks)
+        size = self._max_k + 1
         good = (k_low >= 1 and k_high <= self._max_k and min(lengths) > 0
                 and all(a.dtype == np.int64 and a.ndim == 1 for a in accepted))
         if good:
@@ -119,19 +121,26 @@ class StepSinks:
         reasons: list[str | None] = (
             self._tracer.decide_many(stage_seconds, recorded, step_seconds, timed)
             if self._tracer is not None else [None] * n)
-        size = self._max_k + 1
+        # Untraced runs between traced steps are aggregated together; their counts are
+        # slices of `joined` (count_ends[i]: where step i's counts end in it).
+        count_ends = list(accumulate(lengths)) if None in reasons else []
         begin = 0
         while begin < n:
             end = begin
             while end < n and reasons[end] is None:
                 end += 1
             if end > begin and self._collector is not None:
+                low = count_ends[begin - 1] if begin else 0
+                if k_low == k_high:
+                    draft_hist = np.zeros(size, dtype=np.int64)
+                    draft_hist[k_low] = count_ends[end - 1] - low
+                else:
+                    draft_hist = np.bincount(ks[begin:end], weights=lengths[begin:end],
+                                             minlength=size).astype(np.int64)
                 self._collector._consume_many(
                     method, stage_seconds[begin:end], recorded[begin:end],
                     step_seconds[begin:end], timed[begin:end],
-                    np.bincount(np.concatenate(accepted[begin:end]), minlength=size),
-                    np.bincount(ks[begin:end], weights=lengths[begin:end],
-                                minlength=size).astype(np.int64))
+                    np.bincount(joined[low:count_ends[end - 1]], minlength=size), draft_hist)
             if end < n:
                 self.consume(record_of(raws[end]), reasons[end])
             begin = end + 1
