@@ -21,7 +21,12 @@ Modes, interleaved in blocks so that the VM's drift hits them alike:
 Reported per mode and batch: the hooks' time on the engine thread per step (median, mean),
 the engine thread's CPU and the process CPU (all threads: the worker, the span export
 thread) per step above `off`, and the step's wall time above `off`, which is where GIL
-contention from the worker would show (the engine waiting to get the GIL back).
+contention from the worker would show (the engine waiting to get the GIL back). Total CPU:
+`--tight-steps` steps back to back per round, then flushed (process CPU of all threads per
+step, the median of the rounds), as the floor was first measured; the share of steps
+traced is reported for both kinds of block, because back to back the default
+max_traced_steps_per_second caps tracing (CPU for tracing at a real step rate: the
+waited share times the cost of a traced step).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def calibrate_wait(wait_us: float, kind: str) -> Callable[[], Any]:
     return lambda: hashlib.sha256(data).digest()
 
 
+EXPORTERS: dict[int, Any] = {}  # id(hooks) -> its exporter, which counts traced steps
+
+
 def make_hooks(mode: str, batch: int) -> Any:
     if mode in ("off", "floor"):
         return None
@@ -74,17 +82,23 @@ def make_hooks(mode: str, batch: int) -> Any:
     from spec_metrics import SpanExportProcessor, SpecDecodeHooks
 
     class Null(SpanExporter):
+        traced = 0  # step spans received: how many steps were traced
+
         def export(self, spans: Any) -> SpanExportResult:
+            self.traced += sum(1 for span in spans if span.name == "spec_decode.step")
             return SpanExportResult.SUCCESS
 
         def shutdown(self) -> None:
             pass
 
     provider = TracerProvider()
-    provider.add_span_processor(SpanExportProcessor(Null()))
-    return SpecDecodeHooks("eagle", registry=CollectorRegistry(), tracer_provider=provider,
-                           max_draft_tokens=K, consumer="inline" if mode == "inline" else
-                           "worker", tracing=mode != "worker-metrics")
+    exporter = Null()
+    provider.add_span_processor(SpanExportProcessor(exporter))
+    hooks = SpecDecodeHooks("eagle", registry=CollectorRegistry(), tracer_provider=provider,
+                            max_draft_tokens=K, consumer="inline" if mode == "inline" else
+                            "worker", tracing=mode != "worker-metrics")
+    EXPORTERS[id(hooks)] = exporter
+    return hooks
 
 
 class Block:
@@ -93,10 +107,21 @@ class Block:
     def __init__(self, mode: str, batch: int, wait: Callable[[], Any]) -> None:
         self.mode, self.batch, self.wait = mode, batch, wait
         self.hooks = make_hooks(mode, batch)
+        # Back-to-back steps get hooks of their own: their short, hot stage times would
+        # otherwise move the running quantiles, and the waited steps after them would be
+        # taken for outliers.
+        self.tight_hooks = make_hooks(mode, batch)
         rng = np.random.default_rng(batch)
         self.pool = [rng.integers(0, K + 1, batch) for _ in range(64)]
         self.hook_ns: list[int] = []
         self.step_ns = self.thread_ns = self.process_ns = self.steps = 0
+        self.tight_per_step: list[float] = []  # process CPU µs per step, one per round
+        self.traced = {"waited": 0, "tight": 0}  # steps traced in each kind of block
+        self.tight_steps = 0
+
+    def _traced(self, hooks: Any) -> int:
+        exporter = EXPORTERS.get(id(hooks))
+        return exporter.traced if exporter is not None else 0
 
     def run(self, n: int, keep: bool = True) -> None:
         h, pool, wait = self.hooks, self.pool, self.wait
@@ -104,6 +129,7 @@ class Block:
         samples = [0] * n
         bounds = np.array([0.0005 * 2 ** i for i in range(16)])
         searchsorted, bincount = np.searchsorted, np.bincount
+        traced = self._traced(h)
         t_step, t_thread, t_proc = pc(), thread_time_ns(), process_time_ns()
         for j in range(n):
             acc = pool[j & 63]
@@ -139,13 +165,17 @@ class Block:
             self.process_ns += process_time_ns() - t_proc
             self.steps += n
             self.hook_ns.extend(samples)
+            if h is not None:
+                h.flush()  # spans exported: counted below, outside the timed section
+                self.traced["waited"] += self._traced(h) - traced
 
     def tight(self, n: int) -> None:
         """Total CPU: `n` steps back to back (no wait), then everything queued consumed;
         process CPU of all threads per step."""
-        h, pool, pc = self.hooks, self.pool, perf_counter_ns
+        h, pool, pc = self.tight_hooks, self.pool, perf_counter_ns
         bounds = np.array([0.0005 * 2 ** i for i in range(16)])
         searchsorted, bincount = np.searchsorted, np.bincount
+        traced = self._traced(h)
         t_proc = process_time_ns()
         for j in range(n):
             acc = pool[j & 63]
@@ -169,8 +199,9 @@ class Block:
             h.end_step()
         if h is not None:
             h.flush()
-        self.tight_ns = getattr(self, "tight_ns", 0) + process_time_ns() - t_proc
-        self.tight_steps = getattr(self, "tight_steps", 0) + n
+        self.tight_per_step.append((process_time_ns() - t_proc) / 1e3 / n)
+        self.tight_steps += n
+        self.traced["tight"] += self._traced(h) - traced
 
     def result(self, off: "Block") -> dict[str, float]:
         per = 1e3 * self.steps
@@ -183,13 +214,18 @@ class Block:
             "thread_cpu_us": self.thread_ns / per - off.thread_ns / offper,
             "process_cpu_us": self.process_ns / per - off.process_ns / offper,
             "step_wall_us": self.step_ns / per - off.step_ns / offper,
-            "total_cpu_us": (getattr(self, "tight_ns", 0) / 1e3 / self.tight_steps
-                             if getattr(self, "tight_steps", 0) else 0.0),
+            # The median over rounds: one round's figure can double when the worker
+            # and the engine thread fall into a bad GIL hand-off pattern.
+            "total_cpu_us": (statistics.median(self.tight_per_step)
+                             if self.tight_per_step else 0.0),
+            "total_cpu_rounds_us": self.tight_per_step,
+            "traced_share_waited": self.traced["waited"] / max(1, self.steps),
+            "traced_share_tight": self.traced["tight"] / max(1, self.tight_steps),
         }
 
 
 def run(batches: Sequence[int], steps: int, rounds: int, wait_us: float,
-        wait_kind: str = "sleep") -> dict[str, Any]:
+        wait_kind: str = "sleep", tight_steps: int = 20_000) -> dict[str, Any]:
     wait = calibrate_wait(wait_us, wait_kind)
     cells = {b: {m: Block(m, b, wait) for m in MODES} for b in batches}
     for blocks in cells.values():
@@ -202,16 +238,17 @@ def run(batches: Sequence[int], steps: int, rounds: int, wait_us: float,
             for block in blocks.values():
                 block.run(per_round)
                 if block.mode != "off":
-                    block.tight(per_round)
+                    block.tight(tight_steps)
         print(f"  round {r + 1}/{rounds}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     out: dict[str, Any] = {"batches": list(batches), "steps": per_round * rounds,
                            "rounds": rounds, "wait_us": wait_us, "wait": wait_kind,
-                           "cells": {}}
+                           "tight_steps": tight_steps, "cells": {}}
     for b, blocks in cells.items():
         out["cells"][str(b)] = {m: block.result(blocks["off"]) for m, block in blocks.items()}
     for block in (blk for blocks in cells.values() for blk in blocks.values()):
         if block.hooks is not None:
-            drops = {k: v for k, v in block.hooks.collector.drops.counts.items() if v}
+            drops = {k: v for hooks in (block.hooks, block.tight_hooks)
+                     for k, v in hooks.collector.drops.counts.items() if v}
             out["cells"][str(block.batch)][block.mode]["drops"] = drops
     fit = {}
     for mode in MODES[1:]:
@@ -232,10 +269,12 @@ def markdown(result: dict[str, Any]) -> str:
         "released). "
         "hooks: the 7 calls on the engine thread (wall); step wall: the whole step's wall "
         "time above `off` (hooks, and any wait for the GIL the worker holds); total CPU: "
-        "process CPU of all threads per step, steps run back to back and then flushed.", "",
+        f"process CPU of all threads per step, {result['tight_steps']} steps run back to back "
+        "and then flushed, median of the rounds. traced: the share of steps traced with the "
+        "device wait, and back to back (where max_traced_steps_per_second caps it).", "",
         "| batch | mode | hooks median | hooks mean | step wall above off | total CPU | "
-        "hooks median / floor | total CPU / floor |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        "hooks median / floor | total CPU / floor | traced, waited / back to back |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for b in result["batches"]:
         cell = result["cells"][str(b)]
         floor = cell["floor"]["hook_median_us"]
@@ -245,7 +284,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {b} | {mode} | {r['hook_median_us']:.2f} | {r['hook_mean_us']:.2f} | "
                 f"{r['step_wall_us']:.2f} | {r['total_cpu_us']:.2f} | "
                 f"{r['hook_median_us'] / floor:.2f} | "
-                f"{r['total_cpu_us'] / cell['floor']['total_cpu_us']:.2f} |")
+                f"{r['total_cpu_us'] / cell['floor']['total_cpu_us']:.2f} | "
+                f"{100 * r['traced_share_waited']:.2f} % / {100 * r['traced_share_tight']:.2f} % |")
     lines += ["", "Least-squares fit against batch size (µs per request, intercept µs):", ""]
     for name, f in result["fit"].items():
         lines.append(f"- {name}: {f['us_per_request']:.5f} per request, "
@@ -290,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--wait-us", type=float, default=500.0)
     p.add_argument("--wait", choices=("sleep", "spin"), default="sleep")
+    p.add_argument("--tight-steps", type=int, default=20_000,
+                   help="steps back to back per mode, batch and round (total CPU)")
     p.add_argument("--json")
     p.add_argument("--plot")
     a = p.parse_args(argv)
@@ -297,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     load = os.getloadavg()[0]
     gc.collect()
-    result = run(a.batches, a.steps, a.rounds, a.wait_us, a.wait)
+    result = run(a.batches, a.steps, a.rounds, a.wait_us, a.wait, a.tight_steps)
     result["machine"] = machine_info()
     result["machine"]["loadavg_1m_before_after"] = [load, os.getloadavg()[0]]
     result["command"] = " ".join(["python", *(sys.argv if argv is None else
